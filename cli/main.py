@@ -1,0 +1,296 @@
+"""The `m3edge` command: thin typer commands over library functions, rendered with rich.
+
+Heavy imports (torch, tokenizers) happen inside commands so `--help` stays instant. A user
+mistake raises `M3Error` somewhere below; `main()` prints its one sentence and exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from m3edge.errors import M3Error
+
+app = typer.Typer(
+    name="m3edge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="m3edge: run the M3-Lite multimodal MoE (and Llama-family models) on the edge.",
+)
+console = Console()
+err = Console(stderr=True)
+
+MODEL_ARG = typer.Argument(None, help="Checkpoint directory. Omit it to use the embedded default "
+                                      "(SmolLM2-135M-Instruct), imported on first use.", show_default=False)
+
+
+@contextmanager
+def progress_bar(what: str) -> Iterator:
+    """A rich bar driven by the library's progress(name, i, n) callbacks; it appears on the first
+    callback, so a command that fails during its checks prints only its error."""
+    bar = Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=err)
+    task = None
+
+    def update(name: str, i: int, n: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("", total=n)
+        bar.update(task, completed=i, total=n, description=name[-48:])
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] = None,
+                overflow: str = "drop_oldest"):
+    from m3edge.model.importers import ensure_default_model
+    from m3edge.runtime.engine import Engine
+
+    if model is None:
+        with progress_bar("importing the default model") as update:
+            model = ensure_default_model(update)
+    return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow)
+
+
+@app.command()
+def synth(
+    preset: str = typer.Option("tiny", help="tiny | lite-24g | lite-16g"),
+    out: Path = typer.Option(..., help="Output checkpoint directory."),
+    layers: Optional[int] = typer.Option(None, help="Cut the depth to N layers (full-size presets are ~64 GB)."),
+    seed: int = typer.Option(0, help="Random seed of the weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Write a random-weight M3-Lite checkpoint with a working tokenizer.
+
+    Example: m3edge synth --preset lite-16g --layers 2 --out /tmp/lite16
+    """
+    from m3edge.model.synth import synth as run
+
+    with progress_bar(f"synth {preset}") as update:
+        path = run(preset, out, layers=layers, seed=seed, force=force, progress=update)
+    console.print(f"wrote [bold]{path}[/]")
+
+
+@app.command("import")
+def import_cmd(
+    src: Optional[Path] = typer.Argument(None, help="A llama-family .gguf file, or an HF safetensors directory "
+                                                    "(Llama, Mistral, Qwen3, Qwen3-MoE, Mixtral). Omit it to "
+                                                    "import the embedded SmolLM2-135M-Instruct.",
+                                         show_default=False),
+    out: Path = typer.Option(..., help="Output M3 checkpoint directory."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Convert a checkpoint into the M3 layout (full precision; validated).
+
+    Example: m3edge import ./Qwen3-30B-A3B --out ./qwen3-moe-m3
+    """
+    from m3edge.model.importers import import_checkpoint
+
+    with progress_bar("import") as update:
+        path = import_checkpoint(src, out, force=force, progress=update)
+    console.print(f"wrote [bold]{path}[/]")
+
+
+@app.command()
+def info(model: Optional[Path] = MODEL_ARG):
+    """Config summary, parameter counts and memory estimates of a checkpoint.
+
+    Example: m3edge info ./tiny
+    """
+    from m3edge.model.checkpoint import read_config
+    from m3edge.model.importers import ensure_default_model
+    from m3edge.model.m3lite import count_params, kv_bytes_per_token, weight_bytes
+
+    if model is None:
+        with progress_bar("importing the default model") as update:
+            model = ensure_default_model(update)
+    cfg = read_config(model)
+    total, active = count_params(cfg)
+    t = Table(title=str(model), show_header=False)
+    kind = "MoE" if cfg.num_experts else "dense"
+    rows = [
+        ("architecture", f"{kind}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                         f"{cfg.num_attention_heads}q/{cfg.num_key_value_heads}kv heads x {cfg.head_dim}"),
+        ("experts", f"{cfg.num_experts} routed ({cfg.num_fusion_experts} fusion), top-{cfg.num_experts_per_tok}, "
+                    f"{cfg.num_shared_experts} shared" if cfg.num_experts else "-"),
+        ("modalities", ", ".join(["text"] + (["image"] if cfg.vision_config else [])
+                                 + (["audio"] if cfg.audio_config else []))),
+        ("vocab / context", f"{cfg.vocab_size} / {cfg.max_position_embeddings}"),
+        ("parameters", f"{_count(total)} total, {_count(active)} active per token"),
+        ("KV cache", f"{kv_bytes_per_token(cfg) / 1024:.1f} KiB/token (fp16)"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    m = Table(title="weight memory")
+    for col in ("backend / format", "weights", "+ KV at 8K"):
+        m.add_column(col)
+    kv8k = 8192 * kv_bytes_per_token(cfg)
+    for label, bits, g in (("torch bf16", 16, 128), ("cuda / ort int8 g128", 8, 128),
+                           ("cuda / ort int4 g128", 4, 128), ("cuda / ort int4 g32", 4, 32)):
+        w = weight_bytes(cfg, bits, g)
+        m.add_row(label, _bytes(w), _bytes(w + kv8k))
+    console.print(m)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):
+    from m3edge.runtime.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
+
+
+def _content(text: str, images: List[Path], audios: List[Path]):
+    if not images and not audios:
+        return text
+    parts = [{"type": "image", "image": str(p)} for p in images] + [{"type": "audio", "audio": str(p)} for p in audios]
+    return parts + [{"type": "text", "text": text}]
+
+
+def _stream(chunks) -> None:
+    last = None
+    for chunk in chunks:
+        if chunk.notice:
+            err.print(f"[yellow]note:[/] {chunk.notice}")
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    if last is not None:
+        err.print(f"[dim][{last.generated_tokens} tokens, {last.tokens_per_s:.1f} tok/s, "
+                  f"first token {last.ttft_s * 1000:.0f} ms, {last.finish_reason}][/]")
+
+
+
+@app.command()
+def generate(
+    model: Optional[Path] = MODEL_ARG,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+    image: List[Path] = typer.Option([], help="Attach an image (repeatable)."),
+    audio: List[Path] = typer.Option([], help="Attach an audio file (repeatable)."),
+    system: Optional[str] = typer.Option(None, help="A system message."),
+    max_tokens: int = typer.Option(128, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
+    stop: List[str] = typer.Option([], help="Stop string (repeatable); the output ends before it."),
+    backend: str = typer.Option("auto", help="auto | torch"),
+):
+    """Generate one reply, streamed to stdout.
+
+    Example: m3edge generate --prompt "Name three rivers." --max-tokens 40
+    """
+    engine = load_engine(model, backend)
+    msgs = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": _content(prompt, image, audio)}]
+    _stream(engine.generate(msgs, _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)))
+
+
+CHAT_HELP = """commands: /image FILE  /audio FILE  (attach to your next message)
+          /reset  (forget the conversation)   /quit  (or Ctrl-D)"""
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = MODEL_ARG,
+    system: Optional[str] = typer.Option(None, help="A system message."),
+    image: List[Path] = typer.Option([], help="Attach an image to the first message."),
+    audio: List[Path] = typer.Option([], help="Attach an audio file to the first message."),
+    max_tokens: int = typer.Option(256, help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
+    max_context: Optional[int] = typer.Option(None, help="Context window in tokens (default: the model's)."),
+    overflow: str = typer.Option("drop_oldest", help="When the context is full: drop_oldest | error."),
+    backend: str = typer.Option("auto", help="auto | torch"),
+):
+    """Chat with a model in the terminal, streaming its replies.
+
+    Type a message and press Enter. /image FILE and /audio FILE attach media to your next
+    message; /reset starts over; /quit leaves.
+
+    Example: m3edge chat ./tiny --image cat.png
+    """
+    from m3edge.runtime.engine import ContextOverflowError
+
+    engine = load_engine(model, backend, max_context, overflow)
+    session = engine.chat(system)
+    params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, [])
+    pending_images, pending_audio = list(image), list(audio)
+    console.print(f"[bold]m3edge chat[/] - {engine.model_dir.name} ({engine.backend.name} backend)")
+    console.print(f"[dim]{CHAT_HELP}[/]")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                return
+            if cmd == "/reset":
+                session.reset()
+                pending_images, pending_audio = [], []
+                console.print("[dim](conversation cleared)[/]")
+            elif cmd in ("/image", "/audio") and arg:
+                p = Path(arg).expanduser()
+                if not p.is_file():
+                    err.print(f"[red]error:[/] no such file: {p}")
+                    continue
+                (pending_images if cmd == "/image" else pending_audio).append(p)
+                console.print(f"[dim](attached {p.name} to your next message)[/]")
+            else:
+                console.print(f"[dim]{CHAT_HELP}[/]")
+            continue
+        sys.stdout.write("m3> ")
+        sys.stdout.flush()
+        try:
+            _stream(session.send(_content(line, pending_images, pending_audio), params))
+        except (ContextOverflowError, M3Error) as e:
+            sys.stdout.write("\n")
+            err.print(f"[red]error:[/] {e}")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            err.print("[dim](interrupted)[/]")
+        pending_images, pending_audio = [], []
+
+
+def main() -> None:
+    try:
+        app()
+    except M3Error as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
