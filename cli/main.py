@@ -282,6 +282,131 @@ def chat(
         pending_images, pending_audio = [], []
 
 
+@app.command()
+def quantize(
+    src: Path = typer.Argument(..., help="Full-precision M3 checkpoint directory.", show_default=False),
+    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    bits: int = typer.Option(4, help="4 or 8."),
+    group: int = typer.Option(128, help="Inputs per scale: 32, 64, 128, or -1 for one per output row."),
+    sym: bool = typer.Option(False, "--sym", help="Symmetric (no zero points)."),
+    method: str = typer.Option("rtn", help="rtn | gptq | awq."),
+    calib: List[Path] = typer.Option([], help="Calibration file: text (.txt/.md), image or wav (repeatable)."),
+    no_builtin_calib: bool = typer.Option(False, "--no-builtin-calib", help="Use only the --calib files."),
+    calib_tokens: int = typer.Option(16384, help="About this many calibration tokens."),
+    min_expert_tokens: int = typer.Option(16, help="Experts routed fewer tokens fall back to RTN."),
+    calibrate_all_experts: bool = typer.Option(False, "--calibrate-all-experts",
+                                               help="Every calibration token feeds every expert's statistics."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal "
+                                                              "(static groups, same file format)."),
+    lm_head_bits: int = typer.Option(8, help="8 (int8) or 0 (keep bf16)."),
+    include: List[str] = typer.Option([], help="Regex: quantize only matching linear weights (repeatable)."),
+    exclude: List[str] = typer.Option([], help="Regex: keep matching linear weights in bf16 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run with the same options."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Quantize a checkpoint to int4/int8 with per-expert, per-group scales, layer by layer.
+
+    Routers, norms, embeddings and the image/audio embedders stay bf16; lm_head goes int8. The
+    output is a compressed-tensors pack-quantized checkpoint with a sha256 manifest.
+
+    Example: m3edge quantize ./m3 --out ./m3-int4 --bits 4 --group 128 --method gptq
+    """
+    from m3edge.quantize.pipeline import Options, quantize_checkpoint
+    from m3edge.quantize.scheme import Scheme
+
+    opt = Options(scheme=Scheme(bits, group, sym), method=method, lm_head_bits=lm_head_bits, include=include,
+                  exclude=exclude, calib=[str(c) for c in calib], builtin_calib=not no_builtin_calib,
+                  calib_tokens=calib_tokens, min_expert_tokens=min_expert_tokens,
+                  calibrate_all_experts=calibrate_all_experts, act_order=act_order)
+    with progress_bar(f"quantize {method} int{bits} g{group}") as update:
+        path, reports = quantize_checkpoint(src, out, opt, force=force, resume=resume, progress=update,
+                                            log=lambda m: err.print(f"[dim]{m}[/]"))
+    t = Table(title=f"{path}")
+    for col in ("layer", "time", "weight error", "in", "out", "RTN fallback experts"):
+        t.add_column(col, justify="right")
+    for r in reports:
+        t.add_row(str(r.layer), f"{r.seconds:.1f} s", f"{r.rel_error:.4f}", _bytes(r.bytes_in), _bytes(r.bytes_out),
+                  ", ".join(map(str, r.rtn_fallback)) or "-")
+    console.print(t)
+    starved = [(r.layer, r.rtn_fallback) for r in reports if r.rtn_fallback]
+    if starved:
+        console.print(f"[yellow]{sum(len(e) for _, e in starved)} expert(s) had fewer than {min_expert_tokens} "
+                      "calibration tokens and were quantized with RTN:[/] "
+                      + "; ".join(f"layer {i}: {', '.join(map(str, e))}" for i, e in starved))
+    if any(r.expert_tokens for r in reports):
+        e = Table(title="calibration tokens per expert (min / median / max over experts)")
+        for col in ["layer"] + list(reports[0].expert_tokens or {}):
+            e.add_column(col, justify="right")
+        for r in reports:
+            if r.expert_tokens:
+                cells = []
+                for counts in r.expert_tokens.values():
+                    c = sorted(counts)
+                    cells.append(f"{c[0]} / {c[len(c) // 2]} / {c[-1]}")
+                e.add_row(str(r.layer), *cells)
+        console.print(e)
+        console.print(f"[dim]per-expert counts: {path / 'quantization_report.json'}[/]")
+
+
+eval_app = typer.Typer(help="Measure model quality: perplexity, routing agreement.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: Optional[Path] = MODEL_ARG,
+    text: Path = typer.Option(..., help="A UTF-8 text file."),
+    window: int = typer.Option(512, help="Tokens per non-overlapping window."),
+):
+    """Perplexity over non-overlapping windows (no BOS unless the tokenizer adds one).
+
+    Example: m3edge eval ppl ./smollm2-int4 --text /usr/share/common-licenses/GPL-3
+    """
+    import torch
+
+    from m3edge.eval import perplexity, text_ids
+    from m3edge.model.checkpoint import load_model
+    from m3edge.model.importers import ensure_default_model
+    from m3edge.model.tokenizer import Tokenizer
+
+    model = model or ensure_default_model()
+    tok = Tokenizer.from_dir(model)
+    ids = text_ids(tok, text)
+    m = load_model(model, dtype=torch.float32)
+    with progress_bar("ppl") as update:
+        r = perplexity(m, tok, ids, window, progress=update)
+    console.print(f"perplexity {r.ppl:.4f} over {r.tokens} predicted tokens ({r.windows} windows of {window}, "
+                  f"BOS {'prepended' if r.bos else 'not added'})")
+
+
+@eval_app.command("routing")
+def eval_routing(
+    qmodel: Path = typer.Argument(..., help="The quantized checkpoint.", show_default=False),
+    ref: Path = typer.Option(..., "--ref", help="The full-precision reference checkpoint."),
+    calib_tokens: int = typer.Option(4096, help="About this many tokens of the built-in mixed prompts."),
+):
+    """Top-k expert agreement of a quantized model with its reference, per modality.
+
+    Example: m3edge eval routing ./m3-int4 --ref ./m3
+    """
+    import torch
+
+    from m3edge.eval import routing_agreement
+    from m3edge.model.checkpoint import load_model
+    from m3edge.model.tokenizer import Tokenizer
+    from m3edge.quantize.calib import build_calibration
+
+    a, b = load_model(qmodel, dtype=torch.float32), load_model(ref, dtype=torch.float32)
+    prompts = build_calibration(b.cfg, Tokenizer.from_dir(ref), max_tokens=calib_tokens)
+    agree = routing_agreement(a, b, prompts)
+    t = Table(title="top-k agreement with the reference")
+    t.add_column("modality")
+    t.add_column("agreement", justify="right")
+    for k, v in agree.items():
+        t.add_row(k, f"{v:.4f}")
+    console.print(t)
+
+
 def main() -> None:
     try:
         app()

@@ -84,6 +84,16 @@ def test_user_mistakes(tiny_dir, tmp_path):
     not_gguf.write_text("hello")
     assert_one_sentence(m3edge("import", not_gguf, "--out", tmp_path / "o"), "x.gguf")
     assert_one_sentence(m3edge("generate", tiny_dir, "-p", "hi", "--top-p", "0"), "top_p")
+    import gguf
+
+    other = tmp_path / "qwen.gguf"
+    w = gguf.GGUFWriter(str(other), "qwen2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_sentence(m3edge("import", other, "--out", tmp_path / "o"), "'qwen2'")
 
 
 def test_image_part_to_text_only_model(tmp_path, tiny_dir):

@@ -7,6 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 from m3edge.errors import ImportSourceError  # noqa: E402
 from m3edge.model.checkpoint import load_model  # noqa: E402
+from m3edge.cli.main import app  # noqa: E402
 from m3edge.model.importers.hf import import_hf  # noqa: E402
 from m3edge.model.m3lite import KVCache  # noqa: E402
 
@@ -40,7 +41,10 @@ def pair(request, tmp_path):
             if "norm" in n or n.endswith("gate.weight"):
                 p.normal_(1.0 if "norm" in n else 0.0, 0.5)
     ref.save_pretrained(tmp_path / "src")
-    import_hf(tmp_path / "src", tmp_path / "m3")
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["import", str(tmp_path / "src"), "--out", str(tmp_path / "m3")])  # `m3edge import`
+    assert r.exit_code == 0, r.output
     return ref, load_model(tmp_path / "m3")
 
 

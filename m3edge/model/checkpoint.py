@@ -9,6 +9,7 @@ Nothing here unpickles: safetensors and JSON only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -107,6 +108,10 @@ class TensorFiles:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.meta[name][2]
+
+    def nbytes(self, name: str) -> int:
+        _, dt, shape = self.meta[name]
+        return math.prod(shape) * _ST_DTYPES[dt].itemsize
 
     def get(self, name: str) -> torch.Tensor:
         fname = self.meta[name][0]

@@ -23,6 +23,7 @@ from torch import nn
 from m3edge.errors import ConfigError
 
 MODALITY_TEXT, MODALITY_IMAGE, MODALITY_AUDIO = 0, 1, 2
+ROUTER_NAMES = ("gate", "image_gate", "audio_gate")  # checkpoint names of the per-modality routers
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,6 +92,7 @@ class M3Config:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    quantization_config: dict[str, Any] | None = None  # compressed-tensors, when quantized
     architectures: list[str] = field(default_factory=lambda: ["M3LiteForConditionalGeneration"])
     model_type: str = "m3lite"
 
@@ -344,13 +346,33 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.hd))
 
 
+def route(cfg: M3Config, routers: list[torch.Tensor], x: torch.Tensor, modality: torch.Tensor,
+          fusion_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec section 4. x [T, H], routers [E, H] per modality, modality / fusion_ok [T]
+    -> weights [T, k] (x.dtype), experts [T, k]."""
+    E, F = routers[0].shape[0], cfg.num_fusion_experts
+    logits = torch.zeros(x.shape[0], E, dtype=torch.float32, device=x.device)
+    for m, w in enumerate(routers):  # per-modality router (Ming multi_gate)
+        sel = modality == m
+        if sel.any():
+            logits[sel] = x[sel].float() @ w.float().T  # [t, E], fp32
+    if F:
+        logits[~fusion_ok, -F:] = float("-inf")  # mask before top-k
+    if cfg.norm_topk_prob:
+        vals, idx = logits.topk(cfg.num_experts_per_tok, dim=-1)
+        w = vals.softmax(-1)  # == softmax over all, top-k, renormalise
+    else:
+        w, idx = logits.softmax(-1).topk(cfg.num_experts_per_tok, dim=-1)
+    return (w * cfg.routed_scaling_factor).to(x.dtype), idx
+
+
 class MoE(nn.Module):
     """Routed experts (stacked [E, out, in]) + optional always-on shared expert (spec section 4)."""
 
     def __init__(self, cfg: M3Config):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.cfg, self.k, self.n_fusion = cfg, cfg.num_experts_per_tok, cfg.num_fusion_experts
+        self.cfg = cfg
         self.routers = nn.ModuleList(nn.Linear(H, E, bias=False) for _ in cfg.router_modalities)
         self.gate_up = nn.Parameter(torch.empty(E, 2 * I, H))  # experts.{e}.{gate_proj; up_proj}
         self.down = nn.Parameter(torch.empty(E, H, I))  # experts.{e}.down_proj
@@ -359,21 +381,7 @@ class MoE(nn.Module):
         self.routing_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # set to [] to record (experts, modality)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
-        """x [T, H], modality [T], fusion_ok [T] -> weights [T, k] (x.dtype), experts [T, k]."""
-        logits = torch.zeros(x.shape[0], self.gate_up.shape[0], dtype=torch.float32, device=x.device)
-        for m, router in enumerate(self.routers):  # per-modality router (Ming multi_gate)
-            sel = modality == m
-            if sel.any():
-                logits[sel] = x[sel].float() @ router.weight.float().T  # [t, E], fp32
-        if self.n_fusion:
-            logits[~fusion_ok, -self.n_fusion:] = float("-inf")  # mask before top-k
-        if self.cfg.norm_topk_prob:
-            vals, idx = logits.topk(self.k, dim=-1)
-            w = vals.softmax(-1)  # == softmax over all, top-k, renormalise
-        else:
-            w, idx = logits.softmax(-1).topk(self.k, dim=-1)
-        w = w * self.cfg.routed_scaling_factor
-        return w.to(x.dtype), idx
+        return route(self.cfg, [r.weight for r in self.routers], x, modality, fusion_ok)
 
     def experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Σ_j w_j · expert_{idx_j}(x). x [T, H], w/idx [T, k]."""
@@ -542,20 +550,25 @@ class M3Lite(nn.Module):
                 (p[sl] if sl is not None else p).copy_(t)
 
     def _param_for(self, name: str):
-        """Map a checkpoint tensor name to (parameter name, index into it or None)."""
-        n = name.removeprefix("model.")
-        if ".mlp.experts." in n:
-            pre, rest = n.split(".mlp.experts.")
-            e, proj, _ = rest.split(".")
-            e, I = int(e), self.cfg.moe_intermediate_size
-            if proj == "down_proj":
-                return f"{pre}.mlp.down", (e,)
-            half = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
-            return f"{pre}.mlp.gate_up", (e, half)
-        for i, r in enumerate(("gate", "image_gate", "audio_gate")):
-            if n.endswith(f".mlp.{r}.weight"):
-                return n.replace(f".mlp.{r}.weight", f".mlp.routers.{i}.weight"), None
-        return n, None
+        return param_for(self.cfg, name)
+
+
+def param_for(cfg: M3Config, name: str) -> tuple[str, tuple | None]:
+    """Map a checkpoint tensor name to (M3Lite parameter name, index into it or None):
+    experts are stacked ([E, 2I, H] gate|up, [E, H, I] down), routers become `mlp.routers.{m}`."""
+    n = name.removeprefix("model.")
+    if ".mlp.experts." in n:
+        pre, rest = n.split(".mlp.experts.")
+        e, proj, _ = rest.split(".")
+        e, I = int(e), cfg.moe_intermediate_size
+        if proj == "down_proj":
+            return f"{pre}.mlp.down", (e,)
+        half = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
+        return f"{pre}.mlp.gate_up", (e, half)
+    for i, r in enumerate(ROUTER_NAMES):
+        if n.endswith(f".mlp.{r}.weight"):
+            return n.replace(f".mlp.{r}.weight", f".mlp.routers.{i}.weight"), None
+    return n, None
 
 
 def expected_tensors(cfg: M3Config) -> dict[str, tuple[int, ...]]:
@@ -588,7 +601,7 @@ def expected_tensors(cfg: M3Config) -> dict[str, tuple[int, ...]]:
             out[f"{a}.q_norm.weight"] = (D,)
             out[f"{a}.k_norm.weight"] = (D,)
         if cfg.is_moe_layer(i):
-            for r in ("gate", "image_gate", "audio_gate")[: len(cfg.router_modalities)]:
+            for r in ROUTER_NAMES[: len(cfg.router_modalities)]:
                 out[f"{p}.mlp.{r}.weight"] = (cfg.num_experts, H)
             for e in range(cfg.num_experts):
                 swiglu(f"{p}.mlp.experts.{e}", cfg.moe_intermediate_size)
