@@ -148,7 +148,9 @@ def _count(n: int) -> str:
 
 
 def _bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):
@@ -275,7 +277,7 @@ def chat(
             _stream(session.send(_content(line, pending_images, pending_audio), params))
         except (ContextOverflowError, M3Error) as e:
             sys.stdout.write("\n")
-            err.print(f"[red]error:[/] {e}")
+            err.print(f"[red]error:[/] {e}", soft_wrap=True)
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             err.print("[dim](interrupted)[/]")
@@ -298,6 +300,10 @@ def quantize(
                                                help="Every calibration token feeds every expert's statistics."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal "
                                                               "(static groups, same file format)."),
+    partial_groups: bool = typer.Option(False, "--partial-groups",
+                                        help="Allow a group that does not divide a layer's inputs: the last "
+                                             "group of each row is shorter (compressed-tensors reads it)."),
+    damp: float = typer.Option(0.01, help="GPTQ damping, a fraction of the Hessian's mean diagonal."),
     lm_head_bits: int = typer.Option(8, help="8 (int8) or 0 (keep bf16)."),
     include: List[str] = typer.Option([], help="Regex: quantize only matching linear weights (repeatable)."),
     exclude: List[str] = typer.Option([], help="Regex: keep matching linear weights in bf16 (repeatable)."),
@@ -312,12 +318,13 @@ def quantize(
     Example: m3edge quantize ./m3 --out ./m3-int4 --bits 4 --group 128 --method gptq
     """
     from m3edge.quantize.pipeline import Options, quantize_checkpoint
-    from m3edge.quantize.scheme import Scheme
+    from m3edge.model.scheme import Scheme
 
     opt = Options(scheme=Scheme(bits, group, sym), method=method, lm_head_bits=lm_head_bits, include=include,
                   exclude=exclude, calib=[str(c) for c in calib], builtin_calib=not no_builtin_calib,
                   calib_tokens=calib_tokens, min_expert_tokens=min_expert_tokens,
-                  calibrate_all_experts=calibrate_all_experts, act_order=act_order)
+                  calibrate_all_experts=calibrate_all_experts, act_order=act_order,
+                  partial_groups=partial_groups, damp=damp)
     with progress_bar(f"quantize {method} int{bits} g{group}") as update:
         path, reports = quantize_checkpoint(src, out, opt, force=force, resume=resume, progress=update,
                                             log=lambda m: err.print(f"[dim]{m}[/]"))
@@ -411,7 +418,7 @@ def main() -> None:
     try:
         app()
     except M3Error as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -28,8 +28,8 @@ def builtin_text() -> list[str]:
     for name in ("calibration.txt", "gettysburg.txt"):
         f = resources.files("m3edge.data").joinpath(name)
         if f.is_file():
-            text = f.read_text()
-            out += [s.strip() for s in text.split("\n---\n") if s.strip() and not s.startswith("# m3edge")]
+            text = "\n".join(ln for ln in f.read_text().splitlines() if not ln.startswith("# m3edge"))
+            out += [s.strip() for s in text.split("\n---\n") if s.strip()]
     return out
 
 

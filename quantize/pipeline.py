@@ -17,6 +17,7 @@ at the end, by one rename.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -33,13 +34,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3edge.errors import M3Error
-from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, validate
+from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, share, validate
 from m3edge.model.m3lite import (MODALITY_TEXT, ROUTER_NAMES, Attention, M3Config, RMSNorm, route,
                                  rope_cos_sin, rope_inv_freq)
 from m3edge.model.packing import pack_linear, quantization_config
 from m3edge.model.tokenizer import Tokenizer
-from m3edge.quantize.scheme import Scheme
-from m3edge.quantize.scheme import dequantize as deq
+from m3edge.model.scheme import Scheme
+from m3edge.model.scheme import dequantize as deq
 
 METHODS = ("rtn", "gptq", "awq")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -61,6 +62,7 @@ class Options:
     calibrate_all_experts: bool = False
     act_order: bool = False
     damp: float = 0.01
+    partial_groups: bool = False  # allow a group that does not divide K (shorter last group)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -142,13 +144,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opt: Options, force: b
     cfg = read_config(src)
     if cfg.quantization_config:
         raise M3Error(f"'{src}' is already quantized; quantize the full-precision checkpoint instead")
-    files = TensorFiles(src)
+    files = TensorFiles(src, keep_open=False)
     validate(cfg, files)
     if dst.exists() and not force:
         raise M3Error(f"output '{dst}' already exists (pass --force to replace it)")
     qnames = _quantized_names(cfg, files.names(), opt)
     for n in sorted(qnames):
-        opt.scheme.check(n, files.shape(n))
+        opt.scheme.check(n, files.shape(n), opt.partial_groups)
     work = _Work(dst)
     state = work.load_state() if resume else None
     key = {"options": opt.key(), "source": str(src.resolve()), "fingerprint": _fingerprint(src)}
@@ -173,6 +175,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opt: Options, force: b
         prompts = build_calibration(cfg, tok, [Path(f) for f in opt.calib], opt.builtin_calib, opt.calib_tokens)
         if log:
             log(f"calibration: {len(prompts)} prompts, {sum(len(p) for p in prompts)} tokens")
+    _trim_heap()
     q = _LayerQuantizer(cfg, files, opt, qnames)
     n_layers = cfg.num_hidden_layers
 
@@ -193,6 +196,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opt: Options, force: b
         if calibrated:
             work.save_tensors("hidden.safetensors", {f"h{j}": h for j, h in enumerate(hidden)})
         reports.append(rep)
+        q.files.close()  # unmap the source pages read for this layer: RSS stays about one layer
+        _trim_heap()
         state["done_layers"], state["reports"] = i + 1, [asdict(r) for r in reports]
         work.save_state(state)
         if progress:
@@ -262,7 +267,7 @@ class _LayerQuantizer:
 
             qt, sc, z = awq_quantize(w, stats, s)
         out.update({f"{base}.{k}": v for k, v in pack_linear(qt, sc, z, s, torch.bfloat16).items()})
-        w_hat = deq(qt, sc, z)
+        w_hat = deq(qt, sc, z, s.group_size(w.shape[1]))
         rep_err.append(float((w - w_hat).norm() / w.norm().clamp_min(1e-12)))
         return w_hat
 
@@ -420,6 +425,19 @@ class _LayerQuantizer:
         return list(y.split([x.shape[0] for x in x2]))
 
 
+def _trim_heap() -> None:
+    """Keep freed matrices out of RSS. glibc serves blocks below its adaptive (up to 32 MB) mmap
+    threshold from the heap and keeps them after free, so a layer's worth of fp32 matrices would
+    ratchet RSS up across layers: pin the threshold at 1 MiB (big blocks are mmapped and unmapped
+    on free) and trim what the heap holds."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _modality(cfg: M3Config, ids: torch.Tensor) -> torch.Tensor:
     m = torch.zeros_like(ids)
     if cfg.image_token_id is not None:
@@ -478,6 +496,7 @@ def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qn
     manifest = {"format": "m3edge-quantized/1", "files": {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
                                                           for f in sorted(final.iterdir())}}
     (final / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    share(final)
     if dst.exists() and force:
         shutil.rmtree(dst)
     os.replace(final, dst)

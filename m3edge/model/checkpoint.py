@@ -83,8 +83,11 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 class TensorFiles:
     """Lazy view of every tensor in a checkpoint: name -> (file, dtype, shape); loads on demand."""
 
-    def __init__(self, model_dir: str | os.PathLike):
+    def __init__(self, model_dir: str | os.PathLike, keep_open: bool = True):
+        """keep_open=False maps a file only while one tensor is read, so pages read earlier do not
+        stay in RSS (streaming over a model larger than memory)."""
         self.dir = Path(model_dir)
+        self.keep_open = keep_open
         if (self.dir / INDEX).exists():
             weight_map = read_json(self.dir / INDEX, INDEX).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -115,6 +118,9 @@ class TensorFiles:
 
     def get(self, name: str) -> torch.Tensor:
         fname = self.meta[name][0]
+        if not self.keep_open:
+            with safe_open(str(self.dir / fname), framework="pt") as f:
+                return f.get_tensor(name)
         if fname not in self._open:
             self._open[fname] = safe_open(str(self.dir / fname), framework="pt")
         return self._open[fname].get_tensor(name)
@@ -123,9 +129,31 @@ class TensorFiles:
         self._open.clear()
 
 
+def checkpoint_tensors(cfg: M3Config) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, Any]]]:
+    """The tensors a checkpoint of `cfg` holds: name -> shape, and for a quantized checkpoint
+    (compressed-tensors pack-quantized) weight name -> (module name, Scheme) of packed weights."""
+    expected = expected_tensors(cfg)
+    if not cfg.quantization_config:
+        return expected, {}
+    from m3edge.model.packing import QuantTargets, packed_shapes
+
+    targets = QuantTargets.from_config(cfg.quantization_config)
+    out, packed = {}, {}
+    for name, shape in expected.items():
+        module = name.removesuffix(".weight")
+        scheme = targets.scheme_for(module) if name.endswith(".weight") and len(shape) == 2 else None
+        if scheme is None:
+            out[name] = shape
+            continue
+        packed[name] = (module, scheme)
+        out.update({f"{module}.{k}": v for k, v in packed_shapes(shape[0], shape[1], scheme).items()})
+    return out, packed
+
+
 def validate(cfg: M3Config, files: TensorFiles, expected: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Every expected tensor present with its shape and a float dtype, nothing unexpected."""
-    expected = expected_tensors(cfg) if expected is None else expected
+    """Every expected tensor present with its shape, a float dtype for unpacked tensors and an
+    integer one for packed ones, nothing unexpected."""
+    expected = checkpoint_tensors(cfg)[0] if expected is None else expected
     missing = [n for n in expected if n not in files]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -139,7 +167,11 @@ def validate(cfg: M3Config, files: TensorFiles, expected: dict[str, tuple[int, .
         fname, dt, got = files.meta[name]
         if got != shape:
             raise CheckpointError(f"tensor '{name}' in {fname} has shape {list(got)}, config.json implies {list(shape)}")
-        if not _ST_DTYPES.get(dt, torch.uint8).is_floating_point:
+        is_float = _ST_DTYPES.get(dt, torch.uint8).is_floating_point
+        if name.endswith(_PACKED_PARTS) and not name.endswith("weight_scale"):
+            if is_float:
+                raise CheckpointError(f"tensor '{name}' in {fname} has dtype {dt}; packed weights are integers")
+        elif not is_float:
             raise CheckpointError(f"tensor '{name}' in {fname} has dtype {dt}; a floating-point dtype is required")
 
 
@@ -152,20 +184,40 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = M3Lite(cfg)
     model = model.to_empty(device=device).to(dtype or cfg.dtype)
-    model.load_tensors(_LazyMap(files))
+    model.load_tensors(_LazyMap(files, checkpoint_tensors(cfg)[1]))
     files.close()
     return model.eval()
 
 
-class _LazyMap:
-    """Mapping-like: yields (name, tensor) one at a time so load_tensors never holds them all."""
+_PACKED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
-    def __init__(self, files: TensorFiles):
-        self.files = files
+
+class _LazyMap:
+    """Mapping-like: yields (name, tensor) one at a time so load_tensors never holds them all;
+    packed weights come out dequantized (fp32), under their plain `.weight` name."""
+
+    def __init__(self, files: TensorFiles, packed: dict[str, tuple[str, Any]]):
+        self.files, self.packed = files, packed
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from m3edge.model.packing import dequantize_linear
+
+        for name, (module, scheme) in self.packed.items():
+            parts = {k: self.files.get(f"{module}.{k}") for k in _PACKED_PARTS if f"{module}.{k}" in self.files}
+            yield name, dequantize_linear(parts, scheme)
+        packed_modules = {m + "." for m, _ in self.packed.values()}
         for n in self.files.names():
-            yield n, self.files.get(n)
+            if n.rsplit(".", 1)[0] + "." not in packed_modules:
+                yield n, self.files.get(n)
+
+
+def share(d: Path) -> None:
+    """Give a finished temp dir (private, from mkdtemp / save_file) the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(d, 0o777 & ~umask)
+    for f in d.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 class CheckpointWriter:
@@ -221,11 +273,7 @@ class CheckpointWriter:
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(self.tmp / fname, mode) as f:
                 f.write(content)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
-        for f in self.tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+        share(self.tmp)
         if self.out.exists() and self.overwrite:
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)

@@ -83,6 +83,8 @@ def preset_config(preset: str, layers: int | None = None) -> dict:
 
 def special_tokens(cfg: dict, preset: str) -> dict[int, str]:
     ids = dict(_IM_IDS["tiny" if preset == "tiny" else "lite"])
+    if cfg.get("vision_config") is None and cfg.get("audio_config") is None:
+        return {i: s for s, i in ids.items()}
     ids.update({"<|vision_start|>": cfg["vision_start_token_id"], "<|vision_end|>": cfg["vision_end_token_id"],
                 "<|image_pad|>": cfg["image_token_id"], "<|audio_start|>": cfg["audio_start_token_id"],
                 "<|audio_pad|>": cfg["audio_token_id"], "<|audio_end|>": cfg["audio_end_token_id"]})
@@ -114,12 +116,19 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
           progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Write a random-weight checkpoint of `preset` to `out` (atomically)."""
     raw = preset_config(preset, layers)
+    shard = 2 * 2**30 if preset != "tiny" else 2**40
+    return write_random(raw, out, "tiny" if preset == "tiny" else "lite", seed, force, shard, progress)
+
+
+def write_random(raw: dict, out: str | Path, ids: str = "tiny", seed: int = 0, force: bool = False,
+                 shard_bytes: int = 2 * 2**30, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Random weights for any config dict (tests use custom sizes); `ids` picks the special-token
+    layout of the tokenizer: "tiny" (ids 1000+) or "lite" (Qwen's ids)."""
     cfg = M3Config.from_dict(raw)
     shapes = expected_tensors(cfg)
     gen = torch.Generator().manual_seed(seed)
-    files = side_files(raw, preset)
-    shard = 2 * 2**30 if preset != "tiny" else 2**40
-    with CheckpointWriter(out, shard_bytes=shard, overwrite=force) as w:
+    files = side_files(raw, ids)
+    with CheckpointWriter(out, shard_bytes=shard_bytes, overwrite=force) as w:
         for i, (name, shape) in enumerate(shapes.items()):
             w.add(name, random_tensor(name, shape, cfg.dtype, gen))
             if progress:
