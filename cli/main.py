@@ -25,6 +25,13 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
+# sampling options shared by `generate` and `chat`
+TEMPERATURE = typer.Option(0.0, help="0 = greedy.")
+TOP_K = typer.Option(0, help="Keep the k most likely tokens (0 = off).")
+TOP_P = typer.Option(1.0, help="Nucleus sampling mass (1 = off).")
+REPETITION_PENALTY = typer.Option(1.0, help="> 1 discourages repeats.")
+SEED = typer.Option(None, help="Seed for reproducible sampling.")
+
 MODEL_ARG = typer.Argument(None, help="Checkpoint directory. Omit it to use the embedded default "
                                       "(SmolLM2-135M-Instruct), imported on first use.", show_default=False)
 
@@ -190,11 +197,11 @@ def generate(
     audio: List[Path] = typer.Option([], help="Attach an audio file (repeatable)."),
     system: Optional[str] = typer.Option(None, help="A system message."),
     max_tokens: int = typer.Option(128, help="Stop after this many new tokens."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
-    seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    repetition_penalty: float = REPETITION_PENALTY,
+    seed: Optional[int] = SEED,
     stop: List[str] = typer.Option([], help="Stop string (repeatable); the output ends before it."),
     backend: str = typer.Option("auto", help="auto | torch"),
 ):
@@ -219,11 +226,11 @@ def chat(
     image: List[Path] = typer.Option([], help="Attach an image to the first message."),
     audio: List[Path] = typer.Option([], help="Attach an audio file to the first message."),
     max_tokens: int = typer.Option(256, help="Longest reply in tokens."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
-    seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    repetition_penalty: float = REPETITION_PENALTY,
+    seed: Optional[int] = SEED,
     max_context: Optional[int] = typer.Option(None, help="Context window in tokens (default: the model's)."),
     overflow: str = typer.Option("drop_oldest", help="When the context is full: drop_oldest | error."),
     backend: str = typer.Option("auto", help="auto | torch"),
@@ -291,7 +298,8 @@ def quantize(
     bits: int = typer.Option(4, help="4 or 8."),
     group: int = typer.Option(128, help="Inputs per scale: 32, 64, 128, or -1 for one per output row."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric (no zero points)."),
-    method: str = typer.Option("rtn", help="rtn | gptq | awq."),
+    method: str = typer.Option("rtn", help="rtn | awq (activation-aware grid search) | gptq (GPTQ on "
+                                           "the AWQ grid)."),
     calib: List[Path] = typer.Option([], help="Calibration file: text (.txt/.md), image or wav (repeatable)."),
     no_builtin_calib: bool = typer.Option(False, "--no-builtin-calib", help="Use only the --calib files."),
     calib_tokens: int = typer.Option(16384, help="About this many calibration tokens."),

@@ -93,34 +93,42 @@ def rtn_quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = tor
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False, scale_dtype: torch.dtype = torch.bfloat16):
+                  act_order: bool = False, scale_dtype: torch.dtype = torch.bfloat16,
+                  static_grid: tuple[torch.Tensor, torch.Tensor | None] | None = None):
     """GPTQ of w [N, K] given H [K, K] -> (q int8 [N, K], scale fp32 [N, G], zero int32 [N, G] | None).
 
-    w and H are not modified. Deterministic: the same inputs give bit-identical outputs.
+    `static_grid` = (scale, zero) fixes every group's grid up front (e.g. AWQ's activation-aware
+    clip search); GPTQ then only chooses the integers. w and H are not modified. Deterministic:
+    the same inputs give bit-identical outputs.
     """
     k = w.shape[1]
     w, H = pad_problem(w, H, scheme)
-    q, scale, zero, _ = _gptq(w, H, scheme, damp, block, act_order, scale_dtype, keep_dq=False)
+    q, scale, zero, _ = _gptq(w, H, scheme, damp, block, act_order, scale_dtype, keep_dq=False,
+                              static_grid=static_grid)
     return q[:, :k].contiguous(), scale, zero
 
 
 def pad_problem(w: torch.Tensor, H: torch.Tensor, s: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partial last group becomes a whole one: zero weight columns with dead (zero) Hessian rows,
-    which GPTQ / AWQ leave at exactly 0 and which change no scale (see `pad_to_groups`)."""
-    K2 = pad_to_groups(w, s).shape[1]
-    if K2 == w.shape[1]:
+    """A partial last group becomes a whole one: zero weight columns, which quantize to exactly 0
+    (no error to spread) and change no scale (see `pad_to_groups`), with uncorrelated Hessian rows
+    whose diagonal is the mean of the real one, so the damping (a fraction of the mean diagonal)
+    stays what it would be without padding."""
+    K, K2 = w.shape[1], pad_to_groups(w, s).shape[1]
+    if K2 == K:
         return w, H
-    return pad_to_groups(w, s), F.pad(H, (0, K2 - H.shape[1], 0, K2 - H.shape[0]))
+    Hp = F.pad(H, (0, K2 - K, 0, K2 - K))
+    Hp.diagonal()[K:] = H.diagonal().mean()
+    return pad_to_groups(w, s), Hp
 
 
-def _gptq(w, H, s: Scheme, damp, block, act_order, scale_dtype, keep_dq: bool):
+def _gptq(w, H, s: Scheme, damp, block, act_order, scale_dtype, keep_dq: bool, static_grid=None):
     """gptq_quantize, also returning the dequantized weights the error updates used (or None)."""
     check_weight(w, s)
     N, K = w.shape
     if H.shape != (K, K):
         raise ValueError(f"Hessian is {tuple(H.shape)}, expected [{K}, {K}] for weight [{N}, {K}]")
     g = s.group_size(K)
-    static = act_order or g == K
+    static = act_order or g == K or static_grid is not None
     if not static and block % g:
         raise ValueError(f"GPTQ block {block} must be a multiple of the group {g}")
     W = w.detach().to(torch.float32, copy=True)  # [N, K]
@@ -134,7 +142,10 @@ def _gptq(w, H, s: Scheme, damp, block, act_order, scale_dtype, keep_dq: bool):
     W[:, dead] = 0.0
 
     G = s.n_groups(K)
-    if static:
+    if static_grid is not None:
+        scale = static_grid[0].clone()
+        zero = None if static_grid[1] is None else static_grid[1].clone()
+    elif static:
         scale, zero = grid(W, s, scale_dtype)  # [N, G] from the original (dead-zeroed) weights
     else:
         scale = torch.empty(N, G, dtype=torch.float32)

@@ -8,6 +8,11 @@ Per layer (sequential, as GPTQ does: each layer sees the outputs of the already-
       shared expert: all tokens
     h = h2 + Σ w_e expert_e(x2) + shared(x2)
 
+Methods: `rtn` needs no calibration; `awq` picks each group's grid by an activation-weighted clip
+search (quantize/awq.py); `gptq` takes that same grid and lets GPTQ choose the integers with its
+error compensation (quantize/gptq.py, static groups, optional act-order). Statistics are per
+expert, from the tokens routed to it.
+
 Only one weight matrix is materialised in fp32 at a time (read from the memory-mapped source),
 plus the calibration hidden states; the quantized tensors go straight to a per-layer shard in a
 work directory next to DST. After every layer the work directory records the hidden states and
@@ -259,9 +264,14 @@ class _LayerQuantizer:
         if stats is None or self.opt.method == "rtn":
             qt, sc, z = _rtn(w, s)
         elif self.opt.method == "gptq":
+            from m3edge.quantize.awq import awq_quantize
             from m3edge.quantize.gptq import gptq_quantize
 
-            qt, sc, z = gptq_quantize(w, stats.hessian(), s, damp=self.opt.damp, act_order=self.opt.act_order)
+            # the grid (scale, zero per group) from AWQ's activation-aware clip search, the integers
+            # from GPTQ's error compensation on that fixed grid
+            _, sc, z = awq_quantize(w, stats, s)
+            qt, sc, z = gptq_quantize(w, stats.hessian(), s, damp=self.opt.damp, act_order=self.opt.act_order,
+                                      static_grid=(sc, z))
         else:
             from m3edge.quantize.awq import awq_quantize
 
@@ -272,10 +282,7 @@ class _LayerQuantizer:
         return w_hat
 
     def _stats(self):
-        if self.opt.method == "gptq":
-            from m3edge.quantize.gptq import HessianAccumulator
-            return lambda k: HessianAccumulator(k)
-        if self.opt.method == "awq":
+        if self.opt.method in ("gptq", "awq"):
             from m3edge.quantize.awq import ActStats
             return lambda k: ActStats(k)
         return None
@@ -300,15 +307,23 @@ class _LayerQuantizer:
                 out[n] = self.files.get(n).to(torch.bfloat16)
         rep.bytes_in = sum(self.files.nbytes(n) for n in self.files.names() if n.startswith(p + "."))
 
+        if not calibrated:  # RTN: matrix by matrix, no activations
+            for x in "qkvo":
+                name = f"{p}.self_attn.{x}_proj.weight"
+                self._quantize(name, self._w(name), None, out, errs)
+            self._mlp(i, None, None, out, errs, rep, progress)
+            rep.rel_error = sum(errs) / max(len(errs), 1)
+            rep.bytes_out = sum(t.numel() * t.element_size() for t in out.values())
+            return out, hidden, rep
+
         # attention: q, k, v share their input; o sees the attention output of the quantized q, k, v
         attn = Attention(cfg, i)
         ln1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         ln1.weight.copy_(self._w(f"{p}.input_layernorm.weight"))
-        xs = [ln1(h) for h in hidden] if calibrated else None
-        st = mk(cfg.hidden_size) if calibrated else None
-        if calibrated:
-            for x in xs:
-                st.add(x)
+        xs = [ln1(h) for h in hidden]
+        st = mk(cfg.hidden_size)
+        for x in xs:
+            st.add(x)
         for x in "qkv":
             getattr(attn, f"{x}_proj").weight.copy_(self._quantize(f"{p}.self_attn.{x}_proj.weight",
                                                                    self._w(f"{p}.self_attn.{x}_proj.weight"), st, out, errs))
@@ -319,13 +334,6 @@ class _LayerQuantizer:
             attn.q_norm.weight.copy_(self._w(f"{p}.self_attn.q_norm.weight"))
             attn.k_norm.weight.copy_(self._w(f"{p}.self_attn.k_norm.weight"))
         wo = self._w(f"{p}.self_attn.o_proj.weight")
-        if not calibrated:
-            self._quantize(f"{p}.self_attn.o_proj.weight", wo, None, out, errs)
-            self._mlp(i, None, None, out, errs, rep, progress)
-            rep.rel_error = sum(errs) / max(len(errs), 1)
-            rep.bytes_out = sum(t.numel() * t.element_size() for t in out.values())
-            return out, hidden, rep
-
         o_in = []
         hook = attn.o_proj.register_forward_pre_hook(lambda mod, args: o_in.append(args[0][0]))
         for x, pr in zip(xs, prompts):
@@ -342,7 +350,7 @@ class _LayerQuantizer:
         wo_hat = self._quantize(f"{p}.self_attn.o_proj.weight", wo, st, out, errs)
         bo = attn.o_proj.bias if cfg.attention_bias else None
         h2 = [h + F.linear(a, wo_hat, bo) for h, a in zip(hidden, o_in)]
-        del o_in, xs
+        del xs
 
         ln2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         ln2.weight.copy_(self._w(f"{p}.post_attention_layernorm.weight"))

@@ -30,3 +30,24 @@ def smol_dir(tmp_path_factory) -> Path:
                       progress=lambda name, i, n: seen.append((name, i, n)))
     assert seen[-1][1:] == (272, 272) and seen[0][0] == "token_embd.weight"  # one call per tensor
     return out
+
+
+@pytest.fixture(scope="session")
+def novision_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint without its vision embedder (`vision_config: null`): a model that
+    cannot take images."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("novision") / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vision_config"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys() if "vision_embed" not in k}
+    save_file(t, str(d / "model.safetensors"))
+    return d

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 M3EDGE = [str(Path(sys.executable).parent / "m3edge")]
 
@@ -96,19 +95,9 @@ def test_user_mistakes(tiny_dir, tmp_path):
     assert_one_sentence(m3edge("import", other, "--out", tmp_path / "o"), "'qwen2'")
 
 
-def test_image_part_to_text_only_model(tmp_path, tiny_dir):
+def test_image_part_to_text_only_model(tmp_path, novision_dir):
     """An image for a model without vision: one sentence; the chat goes on with text."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    d = tmp_path / "textonly"
-    shutil.copytree(tiny_dir, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["vision_config"] = None
-    (d / "config.json").write_text(json.dumps(cfg))
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys() if "vision_embed" not in k}
-    save_file(t, str(d / "model.safetensors"))
+    d = novision_dir
     img = tmp_path / "red.png"
     from PIL import Image
 
