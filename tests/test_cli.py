@@ -79,6 +79,21 @@ def test_user_mistakes(tiny_dir, tmp_path):
     data = (trunc / "model.safetensors").read_bytes()
     (trunc / "model.safetensors").write_bytes(data[:5000])
     assert_one_sentence(m3edge("generate", trunc, "-p", "hi"), "model.safetensors is truncated")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for what, edit, needle in (
+        ("missing", lambda t: t.pop("model.norm.weight"), "missing tensor 'model.norm.weight'"),
+        ("shape", lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:10]}),
+         "'model.norm.weight' in model.safetensors has shape [10]"),
+    ):
+        d = tmp_path / what
+        shutil.copytree(tiny_dir, d)
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        edit(t)
+        save_file(t, str(d / "model.safetensors"))
+        assert_one_sentence(m3edge("generate", d, "-p", "hi"), needle)
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_text("hello")
     assert_one_sentence(m3edge("import", not_gguf, "--out", tmp_path / "o"), "x.gguf")
