@@ -10,7 +10,7 @@ size of the linear layers' weights on disk, quantize time and the quantizing pro
 SmolLM2's hidden size is 576 = 4.5 x 128, so g128 rows use --partial-groups (the last group of
 each 576-wide row holds 64 inputs); g32 and g64 divide every layer.
 
-    python bench/quant_quality.py [--text /usr/share/common-licenses/GPL-3] [--work /tmp/qq]
+    pip install -e ".[bench]"; python bench/quant_quality.py [--text /usr/share/common-licenses/GPL-3] [--work /tmp/qq]
 """
 
 from __future__ import annotations

@@ -487,8 +487,9 @@ def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qn
     (final / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     raw = json.loads((src / "config.json").read_text())
     groups = [(opt.scheme, sorted(n.removesuffix(".weight") for n in qnames))]
-    if opt.lm_head_bits == 8 and "lm_head.weight" in TensorFiles(src).names():
-        lm = TensorFiles(src).shape("lm_head.weight")
+    src_files = TensorFiles(src)
+    if opt.lm_head_bits == 8 and "lm_head.weight" in src_files:
+        lm = src_files.shape("lm_head.weight")
         groups.append((Scheme(8, 128 if lm[1] % 128 == 0 else -1, True), ["lm_head"]))
     ignore = ["re:.*mlp\\.(gate|image_gate|audio_gate)$", "re:.*(vision|audio)_embed.*", "model.embed_tokens"]
     if opt.lm_head_bits == 0:

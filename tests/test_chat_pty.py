@@ -5,9 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 
-pexpect = pytest.importorskip("pexpect")
+import pexpect  # noqa: E402
 
 
 def test_chat_with_default_model_in_a_pty(tmp_path):

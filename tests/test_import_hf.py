@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from m3edge.errors import ImportSourceError  # noqa: E402
 from m3edge.model.checkpoint import load_model  # noqa: E402

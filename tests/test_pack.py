@@ -184,7 +184,6 @@ IDS = [f"int{m.bits}-g{m.group}-{'sym' if m.symmetric else 'asym'}" for m, _ in 
 def test_library_dequantizes_our_checkpoint(tmp_path, main, head):
     """Model-free route: compressed-tensors' `convert_checkpoint` with its `CompressedTensorsDequantizer`
     reads our config.json + safetensors and writes dense weights."""
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.entrypoints.convert import convert_checkpoint
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 
@@ -214,7 +213,6 @@ def test_library_compresses_and_decompresses_like_us(tmp_path, main, head):
 
     Given our scales and zero points, the library's own compression of the fp32 weights must produce
     our tensors bit for bit (same names, shapes, dtypes except the scale's, which follows the model's)."""
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
     from transformers import CompressedTensorsConfig
@@ -261,7 +259,6 @@ def test_library_compresses_and_decompresses_like_us(tmp_path, main, head):
 
 def test_config_is_what_the_library_writes():
     """Our JSON parses as the library's QuantizationConfig and survives its serializer unchanged."""
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
 
     qcfg = quantization_config([(Scheme(4, 32, False), [ATTN, EXPERTS]), (Scheme(8, -1, True), ["lm_head"])], IGNORE)
