@@ -40,8 +40,8 @@ from safetensors.torch import save_file
 
 from m3edge.errors import M3Error
 from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, share, validate
-from m3edge.model.m3lite import (MODALITY_TEXT, ROUTER_NAMES, Attention, M3Config, RMSNorm, route,
-                                 rope_cos_sin, rope_inv_freq)
+from m3edge.model.m3lite import (MODALITY_TEXT, ROUTER_NAMES, Attention, M3Config, RMSNorm, modality_of,
+                                 route, rope_cos_sin, rope_inv_freq)
 from m3edge.model.packing import pack_linear, quantization_config
 from m3edge.model.tokenizer import Tokenizer
 from m3edge.model.scheme import Scheme
@@ -402,8 +402,9 @@ class _LayerQuantizer:
                 self._swiglu(f"{p}.mlp.shared_experts", None, None, out, errs, False)
             return None
         xa = torch.cat(x2)  # [T, H]
-        modality = torch.cat([_modality(cfg, pr.input_ids) for pr in prompts])
-        fusion_ok = torch.cat([(_modality(cfg, pr.input_ids) != MODALITY_TEXT).cumsum(0) > 0 for pr in prompts])
+        mods = [modality_of(cfg, pr.input_ids) for pr in prompts]  # per prompt [S]
+        modality = torch.cat(mods)
+        fusion_ok = torch.cat([(m != MODALITY_TEXT).cumsum(0) > 0 for m in mods])  # causal fusion rule, per prompt
         routers = [self.files.get(f"{p}.mlp.{r}.weight") for r in ROUTER_NAMES[: len(cfg.router_modalities)]]
         w, idx = route(cfg, routers, xa, modality, fusion_ok)  # [T, k]
         counts = {}
@@ -444,15 +445,6 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _modality(cfg: M3Config, ids: torch.Tensor) -> torch.Tensor:
-    m = torch.zeros_like(ids)
-    if cfg.image_token_id is not None:
-        m[ids == cfg.image_token_id] = 1
-    if cfg.audio_token_id is not None:
-        m[ids == cfg.audio_token_id] = 2
-    return m
 
 
 def _rtn(w: torch.Tensor, s: Scheme):

@@ -346,6 +346,17 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.hd))
 
 
+def modality_of(cfg: M3Config, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids -> modality ids of the same shape, {0 text, 1 image, 2 audio}; boundary tokens
+    count as text (spec section 3)."""
+    m = torch.zeros_like(input_ids)
+    if cfg.image_token_id is not None:
+        m[input_ids == cfg.image_token_id] = MODALITY_IMAGE
+    if cfg.audio_token_id is not None:
+        m[input_ids == cfg.audio_token_id] = MODALITY_AUDIO
+    return m
+
+
 def route(cfg: M3Config, routers: list[torch.Tensor], x: torch.Tensor, modality: torch.Tensor,
           fusion_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec section 4. x [T, H], routers [E, H] per modality, modality / fusion_ok [T]
@@ -463,13 +474,7 @@ class M3Lite(nn.Module):
 
     # -- pieces a backend may reuse
     def modality(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, S] -> [B, S] in {0 text, 1 image, 2 audio}; boundary tokens count as text."""
-        m = torch.zeros_like(input_ids)
-        if self.cfg.image_token_id is not None:
-            m[input_ids == self.cfg.image_token_id] = MODALITY_IMAGE
-        if self.cfg.audio_token_id is not None:
-            m[input_ids == self.cfg.audio_token_id] = MODALITY_AUDIO
-        return m
+        return modality_of(self.cfg, input_ids)
 
     def embed(self, input_ids: torch.Tensor, image_patches: torch.Tensor | None = None,
               audio_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from m3edge.errors import M3Error, MediaError
@@ -290,10 +289,3 @@ class ChatSession:
             yield chunk
         self.messages = kept + [{"role": "assistant", "content": "".join(text)}]
 
-
-def as_array_part(kind: str, data: np.ndarray, sampling_rate: int | None = None) -> dict[str, Any]:
-    """A message part from an in-memory image (HxWxC uint8) or audio clip (samples)."""
-    part: dict[str, Any] = {"type": kind, kind: data}
-    if sampling_rate is not None:
-        part["sampling_rate"] = sampling_rate
-    return part
