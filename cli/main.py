@@ -234,19 +234,31 @@ def chat(
     max_context: Optional[int] = typer.Option(None, help="Context window in tokens (default: the model's)."),
     overflow: str = typer.Option("drop_oldest", help="When the context is full: drop_oldest | error."),
     backend: str = typer.Option("auto", help="auto | torch"),
+    mic: bool = typer.Option(False, "--mic", help="Talk: each utterance (found by voice activity detection) "
+                                                 "is a turn; speaking during an answer stops it."),
+    mic_device: Optional[str] = typer.Option(None, help="Input device index or name (`m3edge devices`)."),
+    ptt: bool = typer.Option(False, "--ptt", help="Push-to-talk instead of voice detection: Enter starts "
+                                                 "and ends a spoken turn."),
+    camera: Optional[str] = typer.Option(None, help="Camera index, video file or image sequence "
+                                                   "(frames_%03d.png); bare --camera means camera 0. The "
+                                                   "freshest frame goes with each turn; /snap adds one now."),
 ):
     """Chat with a model in the terminal, streaming its replies.
 
     Type a message and press Enter. /image FILE and /audio FILE attach media to your next
-    message; /reset starts over; /quit leaves.
+    message; /reset starts over; /quit leaves. With --mic and/or --camera a live view shows the
+    state (listening / hearing / thinking / answering), the mic level and what each turn carries.
 
     Example: m3edge chat ./tiny --image cat.png
+             m3edge chat ./m3-int4 --mic --camera
     """
     from m3edge.runtime.engine import ContextOverflowError
 
     engine = load_engine(model, backend, max_context, overflow)
     session = engine.chat(system)
     params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, [])
+    if mic or camera is not None:
+        return _live_chat(engine, session, params, mic, mic_device, ptt, camera)
     pending_images, pending_audio = list(image), list(audio)
     console.print(f"[bold]m3edge chat[/] - {engine.model_dir.name} ({engine.backend.name} backend)")
     console.print(f"[dim]{CHAT_HELP}[/]")
@@ -289,6 +301,85 @@ def chat(
             sys.stdout.write("\n")
             err.print("[dim](interrupted)[/]")
         pending_images, pending_audio = [], []
+
+
+def _live_chat(engine, session, params, mic: bool, mic_device, ptt: bool, camera) -> None:
+    from m3edge.capture import Camera, LiveChat, Microphone
+    from m3edge.errors import CaptureError
+    from m3edge.cli.live import run_live
+
+    console.print(f"[bold]m3edge chat[/] - {engine.model_dir.name} ({engine.backend.name} backend)")
+    console.print("[dim]speak, or type a message and press Enter; /snap adds the camera's frame to your next turn; "
+                  + ("Enter starts and ends a spoken turn; " if ptt else "") + "/reset; /quit (or Ctrl-D)[/]")
+    device = int(mic_device) if mic_device and mic_device.isdigit() else mic_device
+    m = c = None
+    if mic:
+        try:
+            m = Microphone(device).open()
+            console.print(f"[dim]mic: {m.name} at {m.rate} Hz -> 16 kHz[/]", highlight=False)
+        except CaptureError as e:
+            err.print(f"[yellow]note:[/] {e}; the chat goes on without the microphone", soft_wrap=True, highlight=False)
+    if camera is not None:
+        try:
+            c = Camera(camera).open()
+            console.print(f"[dim]camera: {camera} ({c.fps:.0f} fps)[/]", highlight=False)
+        except CaptureError as e:
+            err.print(f"[yellow]note:[/] {e}; the chat goes on without the camera", soft_wrap=True, highlight=False)
+    chat = LiveChat(session, params, mic=m, camera=c, push_to_talk=ptt)
+    try:
+        run_live(chat, console)
+    finally:
+        for src in (m, c):
+            if src is not None:
+                src.close()
+
+
+@app.command()
+def devices():
+    """List audio inputs and cameras (with indices and sample rates), and which backends can run.
+
+    Example: m3edge devices
+    """
+    from m3edge.capture import list_cameras, list_inputs
+    from m3edge.errors import CaptureError
+
+    t = Table(title="audio inputs")
+    for col in ("index", "name", "channels", "rate", "host API"):
+        t.add_column(col)
+    try:
+        for d in list_inputs():
+            t.add_row(str(d["index"]), d["name"], str(d["channels"]), f"{d['rate']} Hz", d["api"])
+        console.print(t if t.rows else "[yellow]no audio inputs found[/]")
+    except CaptureError as e:
+        console.print(f"[yellow]audio:[/] {e}")
+    try:
+        cams = list_cameras()
+        t = Table(title="cameras")
+        for col in ("index", "size", "fps"):
+            t.add_column(col)
+        for d in cams:
+            t.add_row(str(d["index"]), f"{d['width']}x{d['height']}", f"{d['fps']:.0f}")
+        console.print(t if cams else "[yellow]no cameras found[/] (a video file works too: --camera clip.mp4)")
+    except CaptureError as e:
+        console.print(f"[yellow]camera:[/] {e}")
+    console.print(f"CUDA kernels: {_cuda_status()}")
+    console.print(f"ONNX Runtime: {_ort_status()}")
+
+
+def _cuda_status() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no (no CUDA GPU visible to torch)"
+    return f"GPU {torch.cuda.get_device_name(0)} visible; the m3edge CUDA kernels are not built yet"
+
+
+def _ort_status() -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "not installed (pip install onnxruntime)"
+    return f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}"
 
 
 @app.command()
@@ -423,6 +514,11 @@ def eval_routing(
 
 
 def main() -> None:
+    args = sys.argv
+    for i, a in enumerate(args):  # a bare `--camera` means camera 0
+        if a == "--camera" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            args.insert(i + 1, "0")
+            break
     try:
         app()
     except M3Error as e:

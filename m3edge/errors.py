@@ -23,3 +23,7 @@ class ImportSourceError(M3Error):
 
 class MediaError(M3Error, ValueError):
     """An image or audio input cannot be read or is empty."""
+
+
+class CaptureError(M3Error):
+    """A microphone or camera cannot be opened, or stopped delivering."""

@@ -183,6 +183,48 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return y
 
 
+class StreamResampler:
+    """`resample` for a signal that arrives in pieces (a microphone): feed chunks, get the output
+    samples whose filter window is complete. The concatenated output equals `resample` of the
+    whole signal sample for sample, except the last ~half_width / down outputs, which wait for
+    input that has not arrived yet."""
+
+    def __init__(self, sr_in: int, sr_out: int):
+        g = math.gcd(sr_in, sr_out)
+        self.up, self.down = sr_out // g, sr_in // g
+        cutoff = RESAMPLE_ROLLOFF * min(1.0, self.up / self.down)
+        half_width = RESAMPLE_ZERO_CROSSINGS / cutoff
+        self.k = int(math.ceil(half_width))
+        taps = 2 * self.k + 2
+        tau = (np.arange(self.up) / self.up)[:, None] - (np.arange(taps) - self.k)[None, :]
+        self.filters = _kaiser_sinc(tau, cutoff, half_width)  # [up, taps]: one filter per phase
+        self.buf = np.zeros(self.k)  # input samples from absolute index buf0 on (zeros before the start)
+        self.buf0 = -self.k
+        self.n = 0  # next output sample
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        if self.up == self.down:
+            return np.asarray(x, dtype=np.float64).copy()
+        self.buf = np.concatenate([self.buf, np.asarray(x, dtype=np.float64).ravel()])
+        end = self.buf0 + len(self.buf)  # absolute index one past the last input
+        taps = self.filters.shape[1]
+        # output n needs inputs floor(n*down/up) - k .. floor(n*down/up) + k + 1 < end
+        n_end = max(self.n, ((end - self.k - 1) * self.up + self.up - 1) // self.down)
+        n = np.arange(self.n, n_end)
+        while len(n) and (n[-1] * self.down) // self.up + self.k + 1 >= end:  # integer-exact guard
+            n = n[:-1]
+        if not len(n):
+            return np.zeros(0)
+        base = (n * self.down) // self.up - self.k - self.buf0
+        windows = np.lib.stride_tricks.sliding_window_view(self.buf, taps)
+        y = np.einsum("mt,mt->m", windows[base], self.filters[(n * self.down) % self.up])
+        self.n = int(n[-1]) + 1
+        drop = (self.n * self.down) // self.up - self.k - self.buf0  # inputs no output needs any more
+        if drop > 0:
+            self.buf, self.buf0 = self.buf[drop:], self.buf0 + drop
+        return y
+
+
 def _kaiser_sinc(tau: np.ndarray, cutoff: float, half_width: float) -> np.ndarray:
     """Low-pass taps at offsets tau (input samples): cutoff * sinc(cutoff * tau) * Kaiser(tau / half_width).
 

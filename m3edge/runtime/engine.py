@@ -280,12 +280,15 @@ class ChatSession:
 
     def send(self, content: str | list[dict[str, Any]], params: SamplingParams | None = None,
              **kw) -> Iterator[GenerationChunk]:
-        """Add a user turn and stream the reply; the reply joins the history when it finishes."""
+        """Add a user turn and stream the reply; the reply (or what was streamed of it) joins the history."""
         msgs = self.messages + [{"role": "user", "content": content}]
         kept: list = []
         text = []
-        for chunk in self.engine._run(msgs, params or SamplingParams(**kw), self._state, on_fit=kept.extend):
-            text.append(chunk.text)
-            yield chunk
-        self.messages = kept + [{"role": "assistant", "content": "".join(text)}]
+        try:
+            for chunk in self.engine._run(msgs, params or SamplingParams(**kw), self._state, on_fit=kept.extend):
+                text.append(chunk.text)
+                yield chunk
+        finally:  # also when the caller stops early (barge-in): the partial reply stays in the history
+            if kept:
+                self.messages = kept + [{"role": "assistant", "content": "".join(text)}]
 
