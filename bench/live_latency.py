@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -59,7 +59,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="m3edge-live-"))
     engine = Engine.load(smol_sized(tmp / "m3-smol"), backend="torch")
-    n_params = sum(p.numel() for p in engine.backend.model.parameters()) / 1e6 if hasattr(engine.backend, "model") else 0
+    n_params = sum(p.numel() for p in engine.backend.model.parameters()) / 1e6
     rows = []
     block = int(DEVICE_RATE * 0.032)
     for text in SENTENCES:
@@ -91,7 +91,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for text, dur, n_tok, h, c in rows:
         print(f"| {text[:40]} | {dur:.2f} | {n_tok} | {h * 1000:.0f} | {c * 1000:.0f} | {(h + c) * 1000:.0f} |")
-    subprocess.run(["rm", "-rf", str(tmp)])
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,6 @@ class LiveChat:
                 self.on("level", ev[1])
                 continue
             deferred.append(ev)
-            if ev[0] == "start" or (ev[0] == "line" and (not ev[1].strip() and self.ptt)) or ev[0] == "quit" \
-                    or (ev[0] == "line" and ev[1].strip() in ("/quit", "/exit")):
+            kind, line = ev[0], ev[1].strip() if ev[0] == "line" else None
+            if kind in ("start", "quit") or line in ("/quit", "/exit") or (self.ptt and line == ""):
                 return True
