@@ -58,15 +58,21 @@ def progress_bar(what: str) -> Iterator:
             bar.stop()
 
 
+BACKEND = typer.Option("auto", help="auto (ort for a quantized model without a CUDA GPU, else torch) | torch "
+                                     "(reference) | ort (ONNX Runtime on the CPU; exports the model once, cached).")
+
+
 def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] = None,
                 overflow: str = "drop_oldest"):
     from m3edge.model.importers import ensure_default_model
+    from m3edge.runtime.backends import default_quantized
     from m3edge.runtime.engine import Engine
 
     if model is None:
         with progress_bar("importing the default model") as update:
-            model = ensure_default_model(update)
-    return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow)
+            model = ensure_default_model(update, default_quantized(backend))
+    with progress_bar("loading") as update:
+        return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow, progress=update)
 
 
 @app.command()
@@ -203,7 +209,7 @@ def generate(
     repetition_penalty: float = REPETITION_PENALTY,
     seed: Optional[int] = SEED,
     stop: List[str] = typer.Option([], help="Stop string (repeatable); the output ends before it."),
-    backend: str = typer.Option("auto", help="auto | torch"),
+    backend: str = BACKEND,
 ):
     """Generate one reply, streamed to stdout.
 
@@ -233,7 +239,7 @@ def chat(
     seed: Optional[int] = SEED,
     max_context: Optional[int] = typer.Option(None, help="Context window in tokens (default: the model's)."),
     overflow: str = typer.Option("drop_oldest", help="When the context is full: drop_oldest | error."),
-    backend: str = typer.Option("auto", help="auto | torch"),
+    backend: str = BACKEND,
     mic: bool = typer.Option(False, "--mic", help="Talk: each utterance (found by voice activity detection) "
                                                  "is a turn; speaking during an answer stops it."),
     mic_device: Optional[str] = typer.Option(None, help="Input device index or name (`m3edge devices`)."),
@@ -380,6 +386,37 @@ def _ort_status() -> str:
     except ImportError:
         return "not installed (pip install onnxruntime)"
     return f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}"
+
+
+@app.command()
+def export(
+    src: Path = typer.Argument(..., help="Quantized M3 checkpoint directory (from `m3edge quantize`).",
+                               show_default=False),
+    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (the only format so far)."),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 = int8 activations (fastest on CPUs), "
+                                               "0 = fp32."),
+    embed_bits: int = typer.Option(8, help="Embedding table (and a tied lm_head): 8 = int8 per 64/128 values, "
+                                           "4 = int4 per 32 (smaller, faster, less exact), 16 = exact bf16."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Export a quantized checkpoint for ONNX Runtime's CPU path.
+
+    Every int4/int8 linear becomes com.microsoft.MatMulNBits from the same integers and scales;
+    attention is GroupQueryAttention with an in-place KV cache; MoE layers run only the experts
+    each token selects. OUT holds model.onnx, model.onnx.data, export_manifest.json and the
+    tokenizer, and runs with `m3edge chat OUT`.
+
+    Example: m3edge export ./m3-int4 --format onnx --out ./m3-int4-onnx
+    """
+    from m3edge.export.onnx import ExportOptions, export_onnx
+
+    if format != "onnx":
+        raise M3Error(f"unknown export format '{format}' (available: onnx)")
+    with progress_bar("export onnx") as update:
+        path = export_onnx(src, out, ExportOptions(accuracy_level, embed_bits), force=force, progress=update)
+    mb = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    console.print(f"wrote {path} ({mb:.1f} MiB); run it with: m3edge chat {path}")
 
 
 @app.command()

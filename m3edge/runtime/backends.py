@@ -50,10 +50,63 @@ class TorchBackend:
         return logits[0, -1].float()
 
 
-BACKENDS = ("auto", "torch")
+class OrtBackend:
+    """ONNX Runtime on the CPU over an exported graph (export/onnx.py); the core is torch-free."""
+
+    name = "ort"
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None):
+        from m3edge.model.checkpoint import read_config
+        from m3edge.runtime.ort import OrtDecoder
+
+        self.decoder = OrtDecoder(export_dir, threads)
+        self.cfg = read_config(export_dir)
+
+    def new_cache(self):
+        return self.decoder.new_cache()
+
+    def forward(self, input_ids, position_ids, image_patches, audio_features, cache):
+        logits = self.decoder.step(input_ids[0].numpy(), position_ids[:, 0].numpy(), cache,
+                                   None if image_patches is None else image_patches.float().numpy(),
+                                   None if audio_features is None else audio_features.float().numpy())
+        return torch.from_numpy(logits.copy())
 
 
-def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None) -> Backend:
+BACKENDS = ("auto", "torch", "ort")
+
+
+def default_quantized(backend: str) -> bool:
+    """Which form of the embedded default model a backend runs: int4 on the CPU path."""
+    return backend == "ort" or (backend == "auto" and not torch.cuda.is_available())
+
+
+def resolve_backend(name: str, model_dir: Path) -> str:
+    """`auto`: ONNX Runtime for an ONNX export, and for a quantized checkpoint when no CUDA GPU is
+    visible (exported once, cached); the torch reference otherwise."""
+    from m3edge.export.onnx import is_onnx_export
+    from m3edge.model.checkpoint import read_config
+
     if name not in BACKENDS:
         raise M3Error(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")
+    if is_onnx_export(model_dir):
+        if name == "torch":
+            raise M3Error(f"{model_dir} is an ONNX export; the torch backend needs the quantized checkpoint it "
+                          "came from (or use --backend ort)")
+        return "ort"
+    quantized = bool(read_config(model_dir).quantization_config)
+    if name == "ort" and not quantized:
+        raise M3Error(f"{model_dir} is not quantized and the ort backend runs int4/int8 models: run "
+                      f"`m3edge quantize {model_dir} --out QDIR` first")
+    if name == "auto":
+        return "ort" if quantized and not torch.cuda.is_available() else "torch"
+    return name
+
+
+def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None,
+                 progress=None) -> Backend:
+    from m3edge.export.onnx import ensure_onnx
+
+    model_dir = Path(model_dir)
+    if resolve_backend(name, model_dir) == "ort":
+        return OrtBackend(ensure_onnx(model_dir, progress))
     return TorchBackend(model_dir, dtype=dtype)

