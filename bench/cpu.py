@@ -133,8 +133,9 @@ def run_worker(kind: str, path: Path, task: str, ids_file: Path, threads: int) -
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def prepare(work: Path, qmodel: Path | None, method_args: list[str]) -> tuple[Path, Path, Path]:
-    """(Q4_1 gguf, Q4_0 gguf, m3edge ONNX export), made once into `work`."""
+def prepare(work: Path, qmodel: Path | None, method_args: list[str], embed_bits: list[int]
+            ) -> tuple[Path, Path, dict[int, Path]]:
+    """(Q4_1 gguf, Q4_0 gguf, {embed bits: m3edge ONNX export}), made once into `work`."""
     import ctypes
 
     import llama_cpp
@@ -158,10 +159,12 @@ def prepare(work: Path, qmodel: Path | None, method_args: list[str]) -> tuple[Pa
             if not (src / "config.json").exists():
                 subprocess.run([bin_, "import", str(q41), "--out", str(src), "--force"], check=True)
             subprocess.run([bin_, "quantize", str(src), "--out", str(qmodel), "--force", *method_args], check=True)
-    onnx_dir = work / f"{qmodel.name}-onnx"
-    if not is_onnx_export(onnx_dir):
-        export_onnx(qmodel, onnx_dir, ExportOptions(accuracy_level=4), force=True)
-    return q41, q40, onnx_dir
+    exports = {}
+    for bits in embed_bits:
+        exports[bits] = work / f"{qmodel.name}-onnx-embed{bits}"
+        if not is_onnx_export(exports[bits]):
+            export_onnx(qmodel, exports[bits], ExportOptions(accuracy_level=4, embed_bits=bits), force=True)
+    return q41, q40, exports
 
 
 def main() -> None:
@@ -176,6 +179,7 @@ def main() -> None:
     ap.add_argument("--qmodel", type=Path, help="an m3edge quantized checkpoint of SmolLM2 (default: made here)")
     ap.add_argument("--quantize-args", default="--bits 4 --group 128 --partial-groups --method gptq --act-order",
                     help="m3edge quantize options for the model made here")
+    ap.add_argument("--embed-bits", default="8,4", help="m3edge rows: export --embed-bits values (table and tied lm_head)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
     if a.worker:
@@ -185,13 +189,13 @@ def main() -> None:
     from m3edge.eval import text_ids
     from m3edge.model.tokenizer import Tokenizer
 
-    q41, q40, onnx_dir = prepare(a.work, a.qmodel, a.quantize_args.split())
-    tok = Tokenizer.from_dir(onnx_dir)
+    q41, q40, exports = prepare(a.work, a.qmodel, a.quantize_args.split(), [int(b) for b in a.embed_bits.split(",")])
+    tok = Tokenizer.from_dir(next(iter(exports.values())))
     ids = text_ids(tok, a.text)
     ids_file = a.work / "ids.json"
     ids_file.write_text(json.dumps(ids))
-    rows = [("llama.cpp Q4_0", "llama", q40), ("llama.cpp Q4_1 (as shipped)", "llama", q41),
-            ("m3edge ORT int4", "ort", onnx_dir)]
+    rows = [("llama.cpp Q4_0", "llama", q40), ("llama.cpp Q4_1 (as shipped)", "llama", q41)]
+    rows += [(f"m3edge ORT int4, int{b} embed/lm_head", "ort", d) for b, d in exports.items()]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
     for rnd in range(ROUNDS):
         for name, kind, path in rows:

@@ -87,7 +87,7 @@ def main() -> None:
         rows.append((text, len(utt.audio) / 16000, n_tok, statistics.median(hang), statistics.median(comp)))
     print(f"\nSmolLM2-sized M3-Lite ({n_params:.0f}M params), torch CPU backend, {args.threads} threads, "
           f"median of {args.reps}; VAD min_silence {Endpointer().min_silence_s:.2f} s\n")
-    print(f"| utterance | audio s | ~prompt tokens | hang-over ms | compute ms | end-of-speech -> first token ms |")
+    print("| utterance | audio s | ~prompt tokens | hang-over ms | compute ms | end-of-speech -> first token ms |")
     print("|---|---|---|---|---|---|")
     for text, dur, n_tok, h, c in rows:
         print(f"| {text[:40]} | {dur:.2f} | {n_tok} | {h * 1000:.0f} | {c * 1000:.0f} | {(h + c) * 1000:.0f} |")

@@ -500,10 +500,12 @@ def eval_ppl(
     model: Optional[Path] = MODEL_ARG,
     text: Path = typer.Option(..., help="A UTF-8 text file."),
     window: int = typer.Option(512, help="Tokens per non-overlapping window."),
+    backend: str = typer.Option("torch", help="torch (the fp32 reference on the checkpoint's weights) | ort "
+                                              "(ONNX Runtime on its export, as `m3edge chat` runs it)."),
 ):
     """Perplexity over non-overlapping windows (no BOS unless the tokenizer adds one).
 
-    Example: m3edge eval ppl ./smollm2-int4 --text /usr/share/common-licenses/GPL-3
+    Example: m3edge eval ppl ./smollm2-int4 --text /usr/share/common-licenses/GPL-3 --backend ort
     """
     import torch
 
@@ -512,10 +514,21 @@ def eval_ppl(
     from m3edge.model.importers import ensure_default_model
     from m3edge.model.tokenizer import Tokenizer
 
+    from m3edge.runtime.backends import resolve_backend
+
     model = model or ensure_default_model()
     tok = Tokenizer.from_dir(model)
     ids = text_ids(tok, text)
-    m = load_model(model, dtype=torch.float32)
+    if backend not in ("torch", "ort"):
+        raise M3Error(f"unknown backend '{backend}' (torch or ort)")
+    if resolve_backend(backend, model) == "ort":
+        from m3edge.export.onnx import ensure_onnx
+        from m3edge.runtime.ort import OrtDecoder
+
+        with progress_bar("loading") as update:
+            m = OrtDecoder(ensure_onnx(model, update))
+    else:
+        m = load_model(model, dtype=torch.float32)
     with progress_bar("ppl") as update:
         r = perplexity(m, tok, ids, window, progress=update)
     console.print(f"perplexity {r.ppl:.4f} over {r.tokens} predicted tokens ({r.windows} windows of {window}, "

@@ -2,8 +2,9 @@
 
 The graph (opset 23 + `com.microsoft` contrib ops), batch 1, S new tokens, a KV buffer of L slots:
 
-    inputs   input_ids int64 [1, S]; cos, sin float [S, D/2] (M-RoPE already applied per slot);
-             rope_pos int64 [1, S] (= 0..S-1, the rows of cos/sin); seqlens_k int32 [1] (= P+S-1);
+    inputs   input_ids int64 [1, S] (models with media or MoE); inputs_embeds float [1, S, H] (the runtime looks rows up in
+             embed_tokens.bin); cos, sin float [P+S, D/2] (row p: the angles of position p, M-RoPE
+             already mixed per slot); rope_pos int64 [1, S] (= P..P+S-1); seqlens_k int32 [1] (= P+S-1);
              total_seq_len int32 [] (= P+S); nontext_seen bool [1] (fusion bit of the cached prefix);
              num_logits int64 [1] (logits for the last n positions); image_patches float [Ni, 3072],
              audio_features float [Na, 1024] (models with those inputs); past_key.i / past_value.i
@@ -20,8 +21,9 @@ routed to it (NonZero -> Gather -> expert -> ScatterND add): unselected experts 
 
 Weights: every quantized linear of the artifact becomes MatMulNBits from the same integers and
 scales (`matmulnbits.relayout`). The embedding table (bf16 in the artifact) becomes int8 per 64/128
-values (`embed_bits=8`, llama.cpp's Q8_0 rule) or int4 per 32 (`embed_bits=4`, Q4_0's rule), shared
-by the lookup and a tied lm_head, or stays exact (`embed_bits=16`: bf16 lookup, fp32 tied lm_head). Tensors go to `model.onnx.data` as they are
+values (`embed_bits=8`, llama.cpp's Q8_0 rule) or int4 per 32 (`embed_bits=4`, Q4_0's rule), used
+by the lookup (embed_tokens.bin, read by the runtime) and a tied lm_head, or stays exact
+(`embed_bits=16`: bf16 lookup, fp32 tied lm_head). Tensors go to `model.onnx.data` as they are
 made (peak memory ~ one linear), then `onnx.checker` runs on the file.
 """
 
@@ -43,13 +45,12 @@ from onnx import TensorProto, helper
 
 from m3edge.errors import CheckpointError, M3Error
 from m3edge.export.matmulnbits import NBits, concat_rows, dequantize_nbits, quantize_rows, relayout
-from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, share, validate
+from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, sha256_file, share, validate
 from m3edge.model.m3lite import ROUTER_NAMES, M3Config, rope_inv_freq
 from m3edge.model.packing import unpack_linear
-from m3edge.model.scheme import Scheme
+from m3edge.runtime.ort import EMBED_FILE, FORMAT, MANIFEST
 
-FORMAT = "m3edge-onnx/1"
-GRAPH, DATA, MANIFEST = "model.onnx", "model.onnx.data", "export_manifest.json"
+GRAPH, DATA = "model.onnx", "model.onnx.data"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "generation_config.json", "special_tokens_map.json")
 OPSET = 23
@@ -160,18 +161,12 @@ class _Exporter:
         schemes = {self.packed[w][1] for w in weights if w in self.packed}
         return len(schemes) == 1 and all(w in self.packed for w in weights)
 
-    def matmul_nbits(self, x: str, w: NBits, name: str, bias: str | None = None, shared: str | None = None) -> str:
-        """`shared`: the name of initializers made earlier for the same tensor (a tied lm_head)."""
-        if shared:
-            ins = [x, f"{shared}.B", f"{shared}.scales"]
-        else:
-            ins = [x, self.g.const(f"{name}.B", w.B), self.g.const(f"{name}.scales", w.scales)]
-        if w.zero_points is not None or bias:
-            ins.append(self.g.const(f"{name}.zero_points", w.zero_points) if w.zero_points is not None else "")
-        if bias:
-            ins += ["", bias]  # g_idx absent, bias
-        return self.g.op1("MatMulNBits", ins, "com.microsoft", K=w.K, N=w.N, bits=w.bits, block_size=w.block,
-                          accuracy_level=self.opt.accuracy_level)
+    def matmul_nbits(self, x: str, w: NBits, name: str, out: str | None = None) -> str:
+        ins = [x, self.g.const(f"{name}.B", w.B), self.g.const(f"{name}.scales", w.scales)]
+        if w.zero_points is not None:
+            ins.append(self.g.const(f"{name}.zero_points", w.zero_points))
+        return self.g.op("MatMulNBits", ins, 1, "com.microsoft", out=[out] if out else None, K=w.K, N=w.N, bits=w.bits,
+                         block_size=w.block, accuracy_level=self.opt.accuracy_level)[0]
 
     def linears(self, x: str, prefix: str, projs: list[str]) -> list[str]:
         """y_p = x @ W_p^T for p in projs; one fused MatMulNBits + Split when their schemes agree."""
@@ -269,40 +264,34 @@ class _Exporter:
             acc = g.op1("Add", [acc, self.swiglu(xt, f"{p}.shared_experts")])
         return g.op1("Reshape", [acc, g.const(g.name("shape"), np.array([1, -1, H], np.int64))])
 
-    def embed_table(self) -> tuple[str, NBits | None]:
-        """The token lookup; returns (hidden [1, S, H], the quantized table when embed_bits < 16)."""
-        g, H = self.g, self.H
+    def embed_table(self, out_dir: Path) -> NBits | None:
+        """Write the token table to EMBED_FILE for the runtime's own lookup (a memory map: only the rows
+        of tokens seen are ever read, and the graph holds no second copy next to a tied lm_head's
+        prepacked one). Returns the quantized table when embed_bits < 16 (a tied lm_head reuses it)."""
         table = self.files.get("model.embed_tokens.weight")
-        ids = "input_ids"
-        if self.opt.embed_bits == 16:  # exact: a bf16 table, rows cast to fp32 after the lookup
-            t = g.const("model.embed_tokens.weight", table.to(torch.bfloat16).view(torch.uint16).numpy(),
-                        elem=TensorProto.BFLOAT16)
-            self.report["model.embed_tokens"] = {"bits": 16, "carried": "exact (bf16)"}
-            return g.op1("Cast", [g.op1("Gather", [t, ids], axis=0)], to=TensorProto.FLOAT), None
         bits = self.opt.embed_bits
-        nb = quantize_rows(table.float().numpy(), bits, embed_block(H, bits))
-        err = float(np.abs(dequantize_nbits(nb) - table.float().numpy()).max())
-        self.report["model.embed_tokens"] = {"bits": bits, "group": nb.block, "symmetric": True,
-                                             "carried": f"quantized at export from bf16 (max abs error {err:.3g})"}
-        B = g.const("model.embed_tokens.B", nb.B)
-        sc = g.const("model.embed_tokens.scales", nb.scales)
-        u = g.op1("Gather", [B, ids], axis=0)  # [1, S, nb, blob]
-        if bits == 4:  # nibbles: low = element 2i, high = 2i + 1
-            last = g.const(g.name("ax"), np.array([-1], np.int64))
-            lo = g.op1("BitwiseAnd", [u, g.const(g.name("mask"), np.array([15], np.uint8))])
-            hi = g.op1("BitShift", [u, g.const(g.name("four"), np.array([4], np.uint8))], direction="RIGHT")
-            u = g.op1("Concat", [g.op1("Unsqueeze", [lo, last]), g.op1("Unsqueeze", [hi, last])], axis=-1)
-            u = g.op1("Reshape", [u, g.const(g.name("shape"), np.array([1, -1, nb.B.shape[1], nb.block], np.int64))])
-        u = g.op1("Cast", [u], to=TensorProto.FLOAT)  # [1, S, nb, blk]
-        u = g.op1("Sub", [u, g.const(g.name("off"), np.array([1 << (bits - 1)], np.float32))])
-        s = g.op1("Unsqueeze", [g.op1("Gather", [sc, ids], axis=0), g.const(g.name("ax"), np.array([-1], np.int64))])
-        h = g.op1("Reshape", [g.op1("Mul", [u, s]), g.const(g.name("shape"), np.array([1, -1, nb.B.shape[1] * nb.block], np.int64))])
-        if nb.B.shape[1] * nb.block != H:
-            h = g.op1("Slice", [h, g.const(g.name("s"), np.array([0], np.int64)), g.const(g.name("e"), np.array([H], np.int64)),
-                                g.const(g.name("a"), np.array([2], np.int64))])
-        return h, nb
+        if bits == 16:  # exact: bf16 bits, widened to fp32 at lookup
+            parts = {"table": table.to(torch.bfloat16).view(torch.uint16).numpy()}
+            self.report["model.embed_tokens"] = {"bits": 16, "carried": "exact (bf16)"}
+            nb = None
+        else:
+            nb = quantize_rows(table.float().numpy(), bits, embed_block(self.H, bits))
+            err = float(np.abs(dequantize_nbits(nb) - table.float().numpy()).max())
+            self.report["model.embed_tokens"] = {"bits": bits, "group": nb.block, "symmetric": True,
+                                                 "carried": f"quantized at export from bf16 (max abs error {err:.3g})"}
+            parts = {"B": nb.B, "scales": nb.scales}
+        layout, off = {"bits": bits, "block": nb.block if nb else None, "hidden": self.H}, 0
+        with open(out_dir / EMBED_FILE, "wb") as f:
+            for name, arr in parts.items():
+                f.write(b"\0" * (-off % _ALIGN))
+                off += -off % _ALIGN
+                layout[name] = {"offset": off, "shape": list(arr.shape), "dtype": arr.dtype.name}
+                f.write(np.ascontiguousarray(arr).tobytes())
+                off += arr.nbytes
+        self.embedding = layout
+        return nb
 
-    def media(self, h: str, name: str, sub, tok: int, feats: str) -> str:
+    def media(self, h: str, name: str, tok: int, feats: str) -> str:
         g, H = self.g, self.H
         p = f"model.{name}"
         y = g.op1("MatMul", [feats, g.const(f"{p}.proj_in.weight_t", self._f32(f"{p}.proj_in.weight").T.copy())])
@@ -316,22 +305,24 @@ class _Exporter:
         h2 = g.op1("ScatterND", [h2, g.op1("Transpose", [pos], perm=[1, 0]), y])
         return g.op1("Reshape", [h2, g.const(g.name("shape"), np.array([1, -1, H], np.int64))])
 
-    def build(self, progress: Callable[[str, int, int], None] | None) -> None:
+    def build(self, out_dir: Path, progress: Callable[[str, int, int], None] | None) -> None:
         cfg, g = self.cfg, self.g
         D, nkv, V = cfg.head_dim, cfg.num_key_value_heads, cfg.vocab_size
         F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-        g.input("input_ids", I64, [1, "S"])
+        if cfg.vision_config is not None or cfg.audio_config is not None or cfg.num_experts:
+            g.input("input_ids", I64, [1, "S"])  # placeholders and modality routing read the ids
         io = {"cos": g.input("cos", F32, ["S", D // 2]), "sin": g.input("sin", F32, ["S", D // 2]),
               "rope_pos": g.input("rope_pos", I64, [1, "S"]), "seqlens_k": g.input("seqlens_k", I32, [1]),
               "total_seq_len": g.input("total_seq_len", I32, [])}
         g.input("nontext_seen", TensorProto.BOOL, [1])
         g.input("num_logits", I64, [1])
-        h, table = self.embed_table()
+        table = self.embed_table(out_dir)
+        h = g.input("inputs_embeds", F32, [1, "S", self.H])
         for name, sub, tok, feat in (("vision_embed", cfg.vision_config, cfg.image_token_id, "image_patches"),
                                      ("audio_embed", cfg.audio_config, cfg.audio_token_id, "audio_features")):
             if sub is not None:
                 g.input(feat, F32, [f"N_{feat}", sub.embed_in_dim])
-                h = self.media(h, name, sub, tok, feat)
+                h = self.media(h, name, tok, feat)
         for i in range(cfg.num_hidden_layers):
             for kv in ("key", "value"):
                 g.input(f"past_{kv}.{i}", F32, [1, nkv, "L", D])
@@ -362,8 +353,7 @@ class _Exporter:
         x = self.rms(last, "model.norm.weight")[0]
         if cfg.tie_word_embeddings:
             if table is not None:
-                self.matmul_nbits(x, table, "lm_head", shared="model.embed_tokens")
-                g.nodes[-1].output[0] = "logits"
+                self.matmul_nbits(x, table, "lm_head", out="logits")
                 self.report["lm_head"] = {"bits": table.bits, "group": table.block,
                                           "carried": f"tied: the int{table.bits} embedding table"}
             else:
@@ -371,8 +361,7 @@ class _Exporter:
                 g.op("MatMul", [x, g.const("lm_head.weight_t", wt)], out=["logits"])
                 self.report["lm_head"] = {"bits": 16, "carried": "tied: exact fp32"}
         elif "lm_head.weight" in self.packed:
-            self.matmul_nbits(x, self._nbits("lm_head.weight"), "lm_head")
-            g.nodes[-1].output[0] = "logits"
+            self.matmul_nbits(x, self._nbits("lm_head.weight"), "lm_head", out="logits")
         else:
             g.op("MatMul", [x, g.const("lm_head.weight_t", self._f32("lm_head.weight").T.copy())], out=["logits"])
             self.report["lm_head"] = {"bits": 16, "carried": "exact fp32"}
@@ -382,20 +371,11 @@ class _Exporter:
                 g.output(f"present_{kv}.{i}", F32, [1, nkv, "L", D])
 
 
-
 def embed_block(hidden: int, bits: int = 8) -> int:
     """Values per scale of the quantized embedding table. int8: the largest of 128/64 dividing the
     hidden size, else 32 (MatMulNBits reads 8-bit blocks of 64/128 faster than llama.cpp's 32 as a
     tied lm_head); int4: 32, as llama.cpp's Q4_0."""
     return 32 if bits == 4 else next((b for b in (128, 64) if hidden % b == 0), 32)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def runtime_config(cfg: M3Config) -> dict:
@@ -434,7 +414,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opt: ExportOptio
     try:
         g = _Graph(tmp / DATA)
         ex = _Exporter(src, cfg, files, g, opt)
-        ex.build(progress)
+        ex.build(tmp, progress)
         g.save(tmp / GRAPH)
         files.close()
         onnx.checker.check_model(str(tmp / GRAPH))
@@ -443,11 +423,12 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opt: ExportOptio
                 shutil.copy2(src / name, tmp / name)
         manifest = {
             "format": FORMAT, "graph": GRAPH, "external_data": DATA, "opset": OPSET,
-            "source": {"path": str(src.resolve()), "manifest_sha256": _sha256(src / "manifest.json")
+            "source": {"path": str(src.resolve()), "manifest_sha256": sha256_file(src / "manifest.json")
                        if (src / "manifest.json").exists() else None},
             "accuracy_level": opt.accuracy_level, "embed_bits": opt.embed_bits,
             "runtime": runtime_config(cfg),
-            "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in (GRAPH, DATA)},
+            "embedding": ex.embedding,
+            "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in (GRAPH, DATA, EMBED_FILE)},
             "tensors": ex.report,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -474,8 +455,8 @@ def ensure_onnx(model_dir: str | os.PathLike, progress: Callable[[str, int, int]
     if is_onnx_export(model_dir):
         return model_dir
     mf = model_dir / "manifest.json"
-    key = _sha256(mf)[:16] if mf.exists() else hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+    key = sha256_file(mf)[:16] if mf.exists() else hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
     out = cache_dir() / "onnx" / f"{model_dir.name}-{key}"
-    if not is_onnx_export(out):
+    if not is_onnx_export(out) or json.loads((out / MANIFEST).read_text()).get("format") != FORMAT:
         export_onnx(model_dir, out, force=out.exists(), progress=progress)
     return out

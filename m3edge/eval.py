@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +41,20 @@ def text_ids(tok: Tokenizer, path: str | Path) -> list[int]:
     return tok.encode(text, add_bos=False)
 
 
+def _window_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits predicting tokens 1.. of the window x [1, n]: the torch reference or an ONNX Runtime
+    decoder (`m3edge.runtime.ort.OrtDecoder`, a fresh cache per window)."""
+    if isinstance(model, M3Lite):
+        return model(x)[0, :-1].float()
+    n = x.shape[1]
+    out = model.step(x[0].numpy(), np.tile(np.arange(n), (3, 1)), model.new_cache(), num_logits=n)
+    return torch.from_numpy(out[:-1])
+
+
 @torch.inference_mode()
-def perplexity(model: M3Lite, tok: Tokenizer, ids: list[int], window: int = 512,
+def perplexity(model, tok: Tokenizer, ids: list[int], window: int = 512,
                progress: Callable[[str, int, int], None] | None = None) -> PplResult:
+    """`model`: an M3Lite or an OrtDecoder."""
     bos = tok.add_bos and tok.bos_id is not None
     step = window - 1 if bos else window
     n = len(ids) // step
@@ -52,7 +64,7 @@ def perplexity(model: M3Lite, tok: Tokenizer, ids: list[int], window: int = 512,
     for w in range(n):
         chunk = ids[w * step:(w + 1) * step]
         x = torch.tensor([([tok.bos_id] if bos else []) + chunk])
-        logits = model(x)[0, :-1].float()  # [window - 1, V]
+        logits = _window_logits(model, x)  # [window - 1, V]
         nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
         count += x.shape[1] - 1
         if progress:

@@ -23,7 +23,6 @@ at the end, by one rename.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3edge.errors import M3Error
-from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, share, validate
+from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, sha256_file, share, validate
 from m3edge.model.m3lite import (MODALITY_TEXT, ROUTER_NAMES, Attention, M3Config, RMSNorm, modality_of,
                                  route, rope_cos_sin, rope_inv_freq)
 from m3edge.model.packing import pack_linear, quantization_config
@@ -453,14 +452,6 @@ def _rtn(w: torch.Tensor, s: Scheme):
     return rtn_quantize(w, s, torch.bfloat16)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qnames: set[str],
               reports: list[LayerReport], force: bool) -> Path:
     """Hard-link the shards into a fresh temp dir with their final names, add config, index,
@@ -494,7 +485,7 @@ def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qn
             shutil.copyfile(src / f, final / f)
     report = {"method": opt.method, "options": opt.key(), "layers": [asdict(r) for r in reports]}
     (final / "quantization_report.json").write_text(json.dumps(report, indent=1))
-    manifest = {"format": "m3edge-quantized/1", "files": {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    manifest = {"format": "m3edge-quantized/1", "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                                                           for f in sorted(final.iterdir())}}
     (final / "manifest.json").write_text(json.dumps(manifest, indent=2))
     share(final)

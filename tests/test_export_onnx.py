@@ -71,8 +71,13 @@ def test_embedding_table_grid(bits, block):
     w = np.random.default_rng(0).standard_normal((50, 576)).astype(np.float32)
     nb = quantize_rows(w, bits, embed_block(576, bits))
     assert nb.block == block and nb.bits == bits
-    err = np.abs(dequantize_nbits(nb) - w)
-    assert (err <= np.repeat(np.abs(nb.scales), block, axis=1) / 2 + 1e-6).all()  # nearest point of the block's grid
+    d = np.repeat(nb.scales, block, axis=1)
+    q = np.clip(np.rint(w / d), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)  # nearest point of each block's grid
+    assert np.array_equal(dequantize_nbits(nb), (q * d).astype(np.float32))
+    blocks = w.reshape(50, -1, block)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    deq = np.take_along_axis(dequantize_nbits(nb).reshape(50, -1, block), np.abs(blocks).argmax(-1)[..., None], -1)
+    np.testing.assert_allclose(deq, peak, rtol=1e-6)  # each block's largest value is exact (Q8_0 / Q4_0 rule)
 
 
 # ------------------------------------------------------------------------------------ tiny M3-Lite parity
@@ -150,7 +155,7 @@ def test_moe_runs_only_selected_experts(tiny_q, tmp_path):
         ref(ids)
     chosen = ref.layers[0].mlp.routing_log[0][0][0]  # [S, k]
     dec = OrtDecoder(out)
-    feeds = {"input_ids": ids.numpy(), "rope_pos": np.arange(9)[None], "seqlens_k": np.array([8], np.int32),
+    feeds = {"input_ids": ids.numpy(), "inputs_embeds": dec.embed(ids[0].numpy()), "rope_pos": np.arange(9)[None], "seqlens_k": np.array([8], np.int32),
              "total_seq_len": np.array(9, np.int32), "nontext_seen": np.array([False]), "num_logits": np.array([1]),
              "image_patches": np.zeros((0, 3072), np.float32), "audio_features": np.zeros((0, 1024), np.float32)}
     feeds["cos"], feeds["sin"] = dec.rope(np.tile(np.arange(9), (3, 1)))
@@ -294,3 +299,29 @@ def test_missing_external_data_at_load(tiny_q, tmp_path):
     (tmp_path / "elsewhere").rename(out / "model.onnx.data")
     with pytest.raises(CheckpointError, match="truncated or from another export"):
         OrtDecoder(out)
+
+
+def test_perplexity_through_ort_equals_reference(tiny_q, tmp_path):
+    from m3edge.eval import perplexity, text_ids
+    from m3edge.model.tokenizer import Tokenizer
+
+    out = export_onnx(tiny_q, tmp_path / "onnx", ExportOptions(accuracy_level=0, embed_bits=16))
+    tok = Tokenizer.from_dir(tiny_q)
+    ids = text_ids(tok, Path(__file__).parent.parent / "m3edge" / "data" / "gettysburg.txt")
+    ref = perplexity(load_model(tiny_q, dtype=torch.float32), tok, ids, window=64)
+    got = perplexity(OrtDecoder(out), tok, ids, window=64)
+    assert got.windows == ref.windows >= 2
+    assert abs(got.ppl / ref.ppl - 1) < 1e-5, (got.ppl, ref.ppl)
+
+
+def test_export_from_another_version_is_refused_and_redone(tiny_q, tmp_path, monkeypatch):
+    from m3edge.export.onnx import ensure_onnx
+
+    monkeypatch.setenv("M3EDGE_HOME", str(tmp_path / "home"))
+    out = ensure_onnx(tiny_q)
+    man = json.loads((out / "export_manifest.json").read_text())
+    (out / "export_manifest.json").write_text(json.dumps({**man, "format": "m3edge-onnx/0"}))
+    with pytest.raises(CheckpointError, match="export the quantized model again"):
+        OrtDecoder(out)
+    assert ensure_onnx(tiny_q) == out  # the cached export is made again
+    OrtDecoder(out)

@@ -8,6 +8,7 @@ Nothing here unpickles: safetensors and JSON only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -209,6 +210,14 @@ class _LazyMap:
         for n in self.files.names():
             if n.rsplit(".", 1)[0] + "." not in packed_modules:
                 yield n, self.files.get(n)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def share(d: Path) -> None:

@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from m3edge.errors import CheckpointError, M3Error
 
-MANIFEST = "export_manifest.json"  # export/onnx.py writes it; the runtime must not import the exporter
+# what export/onnx.py writes (it imports these; the runtime never imports the exporter)
+FORMAT, MANIFEST, EMBED_FILE = "m3edge-onnx/2", "export_manifest.json", "embed_tokens.bin"
 _INITIAL_CAPACITY = 1024
 
 
@@ -81,11 +82,13 @@ class OrtDecoder:
             self.manifest = json.loads(mpath.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot read {mpath}: {e}") from None
-        for key in ("graph", "external_data"):
-            f = d / self.manifest[key]
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{d} was exported as {self.manifest.get('format')!r}; this m3edge reads {FORMAT!r}: "
+                                  "export the quantized model again")
+        for f in (d / n for n in self.manifest["files"]):
             if not f.is_file():
                 raise CheckpointError(f"{f.name} is missing from {d}: the export is incomplete, export again")
-            want = self.manifest["files"][self.manifest[key]]["bytes"]
+            want = self.manifest["files"][f.name]["bytes"]
             if f.stat().st_size != want:
                 raise CheckpointError(f"{f.name} in {d} has {f.stat().st_size} bytes, the manifest says {want}: "
                                       "the file is truncated or from another export")
@@ -107,9 +110,32 @@ class OrtDecoder:
         except Exception as e:  # ORT raises its own exception types with long messages
             raise CheckpointError(f"ONNX Runtime cannot load {d / self.manifest['graph']}: {str(e).splitlines()[0]}") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self._embedding(d / EMBED_FILE, self.manifest["embedding"])
         self._logits1 = np.empty((1, 1, self.vocab), np.float32)
         self._logits1_ort = ort.OrtValue.ortvalue_from_numpy(self._logits1)
         self._arange = np.arange(_INITIAL_CAPACITY, dtype=np.int64)[None]
+
+    def _embedding(self, path: Path, layout: dict) -> None:
+        """Memory-map the token table: a lookup reads only its rows (export/onnx.py writes the file)."""
+        def part(name):
+            p = layout[name]
+            return np.memmap(path, dtype=np.dtype(p["dtype"]), mode="r", offset=p["offset"], shape=tuple(p["shape"]))
+
+        self.embed_bits, self.hidden = layout["bits"], layout["hidden"]
+        if self.embed_bits == 16:
+            self._table = part("table")  # bf16 bits as uint16 [V, H]
+        else:
+            self._B, self._scales = part("B"), part("scales")  # uint8 [V, nb, blob], float32 [V, nb]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """[S] token ids -> [1, S, H] float32 rows of the table (dequantized as MatMulNBits would)."""
+        if self.embed_bits == 16:
+            return (self._table[ids].astype(np.uint32) << 16).view(np.float32)[None]
+        u = self._B[ids]  # [S, nb, blob]
+        if self.embed_bits == 4:  # element 2i in the low nibble, 2i + 1 in the high one
+            u = np.stack([u & 0xF, u >> 4], axis=-1).reshape(len(ids), u.shape[1], -1)
+        x = (u.astype(np.float32) - (1 << (self.embed_bits - 1))) * self._scales[ids][..., None]
+        return np.ascontiguousarray(x.reshape(len(ids), -1)[:, : self.hidden])[None]
 
     def _bind_cache(self, cache: OrtCache) -> ort.IOBinding:
         """One binding per cache, made when its buffers are (re)allocated: KV in and out (the same
@@ -165,7 +191,10 @@ class OrtDecoder:
         st["total_seq_len"][...] = P + S
         st["nontext_seen"][0] = cache.seen_nontext
         st["num_logits"][0] = num_logits
-        b.bind_cpu_input("input_ids", ids)
+        if "input_ids" in self.input_names:
+            b.bind_cpu_input("input_ids", ids)
+        embeds = self.embed(ids[0])  # a local: alive until the run below, whether ORT copies it or not
+        b.bind_cpu_input("inputs_embeds", embeds)
         b.bind_cpu_input("cos", cache.cos[: P + S])
         b.bind_cpu_input("sin", cache.sin[: P + S])
         b.bind_cpu_input("rope_pos", self._arange[:, P: P + S])
