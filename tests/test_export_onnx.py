@@ -325,3 +325,24 @@ def test_export_from_another_version_is_refused_and_redone(tiny_q, tmp_path, mon
         OrtDecoder(out)
     assert ensure_onnx(tiny_q) == out  # the cached export is made again
     OrtDecoder(out)
+
+
+def test_chunked_prefill_equals_one_run(tiny_q, tmp_path, monkeypatch):
+    """A long prompt runs in chunks (media rows split at the chunk edges): same logits, same cache."""
+    import m3edge.runtime.ort as ort_mod
+
+    out = export_onnx(tiny_q, tmp_path / "onnx", ExportOptions(accuracy_level=0, embed_bits=16))
+    dec = OrtDecoder(out)
+    ids, pos, img, aud = _mm_prompt(load_model(tiny_q, dtype=torch.float32).cfg)
+    args = (ids[0].numpy(), pos[:, 0].numpy())
+    whole = dec.new_cache()
+    ref = dec.step(*args, whole, img.numpy(), aud.numpy(), num_logits=20).copy()
+    ref_next = dec.step(np.array([7]), np.full((3, 1), 18), whole).copy()
+    monkeypatch.setattr(ort_mod, "PREFILL_CHUNK", 5)  # the image (3..6) and audio (10..12) cross chunk edges
+    for n in (20, 7, 1):
+        c = dec.new_cache()
+        got = dec.step(*args, c, img.numpy(), aud.numpy(), num_logits=n)
+        assert got.shape == (n, 1024)
+        np.testing.assert_allclose(got, ref[20 - n:], atol=1e-5)
+        assert c.length == 20 and c.seen_nontext and int(c.rope_delta[0]) == -2
+    np.testing.assert_allclose(dec.step(np.array([7]), np.full((3, 1), 18), c), ref_next, atol=1e-5)

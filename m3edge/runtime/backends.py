@@ -69,7 +69,7 @@ class OrtBackend:
         logits = self.decoder.step(input_ids[0].numpy(), position_ids[:, 0].numpy(), cache,
                                    None if image_patches is None else image_patches.float().numpy(),
                                    None if audio_features is None else audio_features.float().numpy())
-        return torch.from_numpy(logits.copy())
+        return torch.from_numpy(logits[-1].copy())
 
 
 BACKENDS = ("auto", "torch", "ort")

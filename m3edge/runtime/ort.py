@@ -21,6 +21,7 @@ from m3edge.errors import CheckpointError, M3Error
 # what export/onnx.py writes (it imports these; the runtime never imports the exporter)
 FORMAT, MANIFEST, EMBED_FILE = "m3edge-onnx/2", "export_manifest.json", "embed_tokens.bin"
 _INITIAL_CAPACITY = 1024
+PREFILL_CHUNK = 128  # tokens per run of a long prompt: bounds activation memory, same speed
 
 
 class OrtCache:
@@ -174,12 +175,36 @@ class OrtDecoder:
     def step(self, input_ids: np.ndarray, positions: np.ndarray, cache: OrtCache,
              image_patches: np.ndarray | None = None, audio_features: np.ndarray | None = None,
              num_logits: int = 1) -> np.ndarray:
-        """input_ids [S] int64, positions [3, S] -> logits [num_logits, V] (a view of a reused buffer
-        when num_logits == 1: copy it to keep it past the next step)."""
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(1, -1)
+        """input_ids [S] int64, positions [3, S] -> logits [num_logits, V] float32 (for one row, a view
+        of a buffer the next step overwrites: copy it to keep it).
+
+        Long prompts run in chunks of `PREFILL_CHUNK` tokens: the same result (attention over the cache
+        plus causal within the chunk), with activation memory bounded by the chunk, not the prompt."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        positions = np.asarray(positions, np.int64).reshape(3, -1)
+        S = len(ids)
+        if S <= PREFILL_CHUNK:
+            return self._step(ids, positions, cache, image_patches, audio_features, num_logits)
+        feats = {"img": (image_patches, self.image_token), "aud": (audio_features, self.audio_token)}
+        used = dict.fromkeys(feats, 0)
+        out = []
+        for a in range(0, S, PREFILL_CHUNK):
+            b = min(S, a + PREFILL_CHUNK)
+            rows = {}
+            for k, (f, tok) in feats.items():  # the feature rows of this chunk's placeholders, in order
+                n = 0 if f is None else int((ids[a:b] == tok).sum())
+                rows[k] = f[used[k]: used[k] + n] if n else None
+                used[k] += n
+            want = b - max(a, S - num_logits)  # logits this chunk contributes
+            logits = self._step(ids[a:b], positions[:, a:b], cache, rows["img"], rows["aud"], max(want, 1))
+            if want > 0:
+                out.append(logits.copy() if want == 1 else logits)  # (one row is the reused buffer)
+        return np.concatenate(out)
+
+    def _step(self, ids, positions, cache, image_patches, audio_features, num_logits) -> np.ndarray:
+        ids = np.ascontiguousarray(ids).reshape(1, -1)
         S, P = ids.shape[1], cache.length
         cache.reserve(P + S, self.max_positions)
-        positions = np.asarray(positions, np.int64).reshape(3, S)
         # GroupQueryAttention rotates row i with cos_cache[rope_pos[i]] and wants cos_cache to cover the
         # whole sequence: the cache keeps each position's angles (M-RoPE mixes t/h/w per slot)
         cache.cos[P: P + S], cache.sin[P: P + S] = self.rope(positions)
@@ -206,12 +231,11 @@ class OrtDecoder:
                 arr = np.zeros((0, self.media_dims[name]), np.float32) if feats is None else feats
                 cache.media_bound[name] = np.ascontiguousarray(arr, dtype=np.float32)  # alive while bound
                 b.bind_cpu_input(name, cache.media_bound[name])
-        if (num_logits == 1) != cache.logits1_bound:
-            if num_logits == 1:
-                b.bind_ortvalue_output("logits", self._logits1_ort)
-            else:
-                b.bind_output("logits")
-            cache.logits1_bound = num_logits == 1
+        if num_logits != 1:  # a fresh output each time (an allocated one keeps its shape)
+            b.bind_output("logits")
+        elif not cache.logits1_bound:
+            b.bind_ortvalue_output("logits", self._logits1_ort)
+        cache.logits1_bound = num_logits == 1
         self.session.run_with_iobinding(b)
         cache.length = P + S
         cache.rope_delta = np.array([positions.max() + 1 - (P + S)], np.int64)
@@ -220,4 +244,4 @@ class OrtDecoder:
             cache.seen_nontext = True
         if num_logits == 1:
             return self._logits1[0]
-        return b.get_outputs()[0].numpy()[0]
+        return b.get_outputs()[0].numpy()[0].copy()  # the output buffer is reused by the next run
