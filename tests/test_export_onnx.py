@@ -6,6 +6,7 @@ default) is checked by greedy agreement on SmolLM2 and by perplexity in bench/cp
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -346,3 +347,32 @@ def test_chunked_prefill_equals_one_run(tiny_q, tmp_path, monkeypatch):
         np.testing.assert_allclose(got, ref[20 - n:], atol=1e-5)
         assert c.length == 20 and c.seen_nontext and int(c.rope_delta[0]) == -2
     np.testing.assert_allclose(dec.step(np.array([7]), np.full((3, 1), 18), c), ref_next, atol=1e-5)
+
+
+def test_int8_per_channel_parity(tiny_dir, tmp_path):
+    """W8A16 per output channel (group -1 -> 128-wide MatMulNBits blocks sharing the row's scale)."""
+    from m3edge.quantize.pipeline import Options, quantize_checkpoint
+
+    q = quantize_checkpoint(tiny_dir, tmp_path / "int8", Options(scheme=Scheme(8, -1, True)))[0]
+    out = export_onnx(q, tmp_path / "onnx", ExportOptions(accuracy_level=0, embed_bits=16))
+    man = json.loads((out / "export_manifest.json").read_text())
+    assert {(v["bits"], v["block"]) for k, v in man["tensors"].items() if ".layers." in k} == {(8, 128)}
+    ref = load_model(q, dtype=torch.float32)
+    ids, pos, img, aud = _mm_prompt(ref.cfg)
+    with torch.no_grad():
+        r = ref(ids, pos, img, aud)[0]
+    dec = OrtDecoder(out)
+    g = dec.step(ids[0].numpy(), pos[:, 0].numpy(), dec.new_cache(), img.numpy(), aud.numpy(), num_logits=20)
+    np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
+
+
+def test_cli_backend_ort_on_a_quantized_checkpoint(tiny_q, tmp_path):
+    env = {**os.environ, "M3EDGE_HOME": str(tmp_path / "home")}
+    args = [BIN, "generate", str(tiny_q), "-p", "hello", "--max-tokens", "8", "--temperature", "0"]
+    outs = {}
+    for backend in ("ort", "auto"):
+        r = subprocess.run(args + ["--backend", backend], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        outs[backend] = r.stdout
+    assert outs["ort"] == outs["auto"] and outs["ort"].strip()
+    assert len(list((tmp_path / "home" / "onnx").iterdir())) == 1  # exported once, then reused
