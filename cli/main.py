@@ -64,15 +64,37 @@ BACKEND = typer.Option("auto", help="auto (ort for a quantized model without a C
 
 def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] = None,
                 overflow: str = "drop_oldest"):
-    from m3edge.model.importers import ensure_default_model
-    from m3edge.runtime.backends import default_quantized
     from m3edge.runtime.engine import Engine
+
+    model = prepare_model(model, backend)
+    return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow)
+
+
+DEFAULT_INT4 = (4, 32, False)  # bits, group, symmetric of the default model's CPU form: RTN, seconds to make
+
+
+def prepare_model(model: Optional[Path], backend: str) -> Path:
+    """What the backend will run, made once: the default model imported (and quantized to int4 for the
+    CPU path), and a quantized checkpoint that runs on ONNX Runtime exported into the cache."""
+    from m3edge.model.importers import default_int4_dir, ensure_default_model
+    from m3edge.runtime.backends import default_quantized, wants_ort
 
     if model is None:
         with progress_bar("importing the default model") as update:
-            model = ensure_default_model(update, default_quantized(backend))
-    with progress_bar("loading") as update:
-        return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow, progress=update)
+            model = ensure_default_model(update)
+            q = default_int4_dir()
+            if default_quantized(backend) and not (q / "manifest.json").exists():
+                from m3edge.model.scheme import Scheme
+                from m3edge.quantize.pipeline import Options, quantize_checkpoint
+
+                quantize_checkpoint(model, q, Options(scheme=Scheme(*DEFAULT_INT4)), force=q.exists(), progress=update)
+            model = q if default_quantized(backend) else model
+    if wants_ort(model, backend):
+        from m3edge.export.onnx import ensure_onnx
+
+        with progress_bar("exporting to ONNX (once)") as update:
+            ensure_onnx(model, update)
+    return model
 
 
 @app.command()

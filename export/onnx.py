@@ -29,7 +29,6 @@ made (peak memory ~ one linear), then `onnx.checker` runs on the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from m3edge.export.matmulnbits import NBits, concat_rows, dequantize_nbits, quan
 from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, sha256_file, share, validate
 from m3edge.model.m3lite import ROUTER_NAMES, M3Config, rope_inv_freq
 from m3edge.model.packing import unpack_linear
-from m3edge.runtime.ort import EMBED_FILE, FORMAT, MANIFEST
+from m3edge.runtime.ort import EMBED_FILE, FORMAT, MANIFEST, cached_export_dir, find_export
 
 GRAPH, DATA = "model.onnx", "model.onnx.data"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -442,21 +441,11 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, opt: ExportOptio
     return out
 
 
-def is_onnx_export(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
 def ensure_onnx(model_dir: str | os.PathLike, progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """An ONNX export of `model_dir`: itself if it is one, else a cached export of the quantized
-    checkpoint (keyed by its manifest hash, so a re-quantized model is exported again)."""
-    from m3edge.model.importers import cache_dir
-
-    model_dir = Path(model_dir)
-    if is_onnx_export(model_dir):
-        return model_dir
-    mf = model_dir / "manifest.json"
-    key = sha256_file(mf)[:16] if mf.exists() else hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
-    out = cache_dir() / "onnx" / f"{model_dir.name}-{key}"
-    if not is_onnx_export(out) or json.loads((out / MANIFEST).read_text()).get("format") != FORMAT:
-        export_onnx(model_dir, out, force=out.exists(), progress=progress)
-    return out
+    """An ONNX export of `model_dir`: itself if it is one, else its cached export, made (again) when
+    missing or of another format (`m3edge.runtime.ort.cached_export_dir`)."""
+    found = find_export(model_dir)
+    if found is not None:
+        return found
+    out = cached_export_dir(model_dir)
+    return export_onnx(model_dir, out, force=out.exists(), progress=progress)

@@ -192,18 +192,21 @@ def test_engine_on_ort_matches_torch(tiny_q, tmp_path):
 
 
 def test_auto_backend_picks_ort_for_quantized_on_cpu(tiny_q, tiny_dir, tmp_path, monkeypatch):
-    from m3edge.runtime.backends import resolve_backend
+    from m3edge.export.onnx import ensure_onnx
+    from m3edge.runtime.backends import make_backend, resolve_backend, wants_ort
 
+    monkeypatch.setenv("M3EDGE_HOME", str(tmp_path / "home"))
     assert not torch.cuda.is_available()
-    assert resolve_backend("auto", tiny_q) == "ort"
+    assert wants_ort(tiny_q) and not wants_ort(tiny_dir)
+    assert resolve_backend("auto", tiny_q) == "torch"  # not exported yet: the library never runs the exporter
+    with pytest.raises(M3Error, match="has no ONNX export yet: run `m3edge export"):
+        resolve_backend("ort", tiny_q)
+    out = ensure_onnx(tiny_q)  # what `m3edge chat` does first
+    assert out.parent == tmp_path / "home" / "onnx" and ensure_onnx(tiny_q) == out
+    assert resolve_backend("auto", tiny_q) == "ort" and make_backend("auto", tiny_q).name == "ort"
     assert resolve_backend("auto", tiny_dir) == "torch"
     with pytest.raises(M3Error, match="not quantized"):
         resolve_backend("ort", tiny_dir)
-    monkeypatch.setenv("M3EDGE_HOME", str(tmp_path / "home"))
-    from m3edge.runtime.backends import make_backend
-
-    be = make_backend("auto", tiny_q)  # exported once into the cache
-    assert be.name == "ort" and len(list((tmp_path / "home" / "onnx").iterdir())) == 1
 
 
 # ------------------------------------------------------------------------------------ SmolLM2 int4

@@ -82,13 +82,14 @@ def default_quantized(backend: str) -> bool:
 
 def resolve_backend(name: str, model_dir: Path) -> str:
     """`auto`: ONNX Runtime for an ONNX export, and for a quantized checkpoint when no CUDA GPU is
-    visible (exported once, cached); the torch reference otherwise."""
-    from m3edge.export.onnx import is_onnx_export
+    visible and it has been exported (`m3edge chat` / `generate` export it once, into the cache);
+    the torch reference otherwise."""
     from m3edge.model.checkpoint import read_config
+    from m3edge.runtime.ort import find_export, is_export
 
     if name not in BACKENDS:
         raise M3Error(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")
-    if is_onnx_export(model_dir):
+    if is_export(model_dir):
         if name == "torch":
             raise M3Error(f"{model_dir} is an ONNX export; the torch backend needs the quantized checkpoint it "
                           "came from (or use --backend ort)")
@@ -97,16 +98,27 @@ def resolve_backend(name: str, model_dir: Path) -> str:
     if name == "ort" and not quantized:
         raise M3Error(f"{model_dir} is not quantized and the ort backend runs int4/int8 models: run "
                       f"`m3edge quantize {model_dir} --out QDIR` first")
+    if name == "ort" and find_export(model_dir) is None:
+        raise M3Error(f"{model_dir} has no ONNX export yet: run `m3edge export {model_dir} --format onnx --out DIR` "
+                      "and load DIR (or run `m3edge chat` on it once)")
     if name == "auto":
-        return "ort" if quantized and not torch.cuda.is_available() else "torch"
+        return "ort" if wants_ort(model_dir) and find_export(model_dir) is not None else "torch"
     return name
 
 
-def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None,
-                 progress=None) -> Backend:
-    from m3edge.export.onnx import ensure_onnx
+def wants_ort(model_dir: Path, name: str = "auto") -> bool:
+    """Whether `name` runs this model on ONNX Runtime once it is exported: a quantized checkpoint
+    asked for ort, or under auto without a CUDA GPU."""
+    from m3edge.model.checkpoint import read_config
+
+    quantized = bool(read_config(model_dir).quantization_config)
+    return quantized and (name == "ort" or (name == "auto" and not torch.cuda.is_available()))
+
+
+def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None) -> Backend:
+    from m3edge.runtime.ort import find_export
 
     model_dir = Path(model_dir)
     if resolve_backend(name, model_dir) == "ort":
-        return OrtBackend(ensure_onnx(model_dir, progress))
+        return OrtBackend(find_export(model_dir))
     return TorchBackend(model_dir, dtype=dtype)

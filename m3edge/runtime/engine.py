@@ -78,7 +78,7 @@ class Engine:
         if model_dir.is_file() and model_dir.suffix == ".gguf":
             raise M3Error(f"'{model_dir}' is a GGUF file; run `m3edge import {model_dir} --out DIR` and use DIR")
         read_config(model_dir)  # one clear error for a path that is not a checkpoint
-        be = make_backend(backend, model_dir, progress=progress)
+        be = make_backend(backend, model_dir)
         return cls(be, Tokenizer.from_dir(model_dir), model_dir, max_context, overflow)
 
     def chat(self, system: str | None = None) -> "ChatSession":

@@ -25,6 +25,35 @@ _INITIAL_CAPACITY = 1024
 PREFILL_CHUNK = 128  # tokens per run of a long prompt: bounds activation memory, same speed
 
 
+def is_export(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def cached_export_dir(model_dir: str | os.PathLike) -> Path:
+    """Where `ensure_onnx` (export/onnx.py) keeps the export of a quantized checkpoint: keyed by the
+    checkpoint's manifest hash, so a re-quantized model gets a new export."""
+    import hashlib
+
+    from m3edge.model.checkpoint import sha256_file
+    from m3edge.model.importers import cache_dir
+
+    d = Path(model_dir)
+    mf = d / "manifest.json"
+    key = sha256_file(mf)[:16] if mf.exists() else hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "onnx" / f"{d.name}-{key}"
+
+
+def find_export(model_dir: str | os.PathLike) -> Path | None:
+    """`model_dir` if it is an export, else its cached export if one of this format exists."""
+    if is_export(model_dir):
+        return Path(model_dir)
+    out = cached_export_dir(model_dir)
+    try:
+        return out if json.loads((out / MANIFEST).read_text()).get("format") == FORMAT else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """float32 zeros in their own anonymous mapping: pages cost memory only once written, and go back
     to the system when the array dies (np.zeros may reuse freed heap memory, which calloc must touch)."""

