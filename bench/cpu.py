@@ -174,7 +174,8 @@ def prepare(work: Path, qmodel: Path | None, method_args: list[str], embed_bits:
 
     import llama_cpp
 
-    from m3edge.export.onnx import ExportOptions, export_onnx, is_onnx_export
+    from m3edge.export.onnx import ExportOptions, export_onnx
+    from m3edge.runtime.ort import find_export
     from m3edge.model.importers.gguf import default_gguf_path
 
     work.mkdir(parents=True, exist_ok=True)
@@ -196,7 +197,7 @@ def prepare(work: Path, qmodel: Path | None, method_args: list[str], embed_bits:
     exports = {}
     for bits in embed_bits:
         exports[bits] = work / f"{qmodel.name}-onnx-embed{bits}"
-        if not is_onnx_export(exports[bits]):
+        if find_export(exports[bits]) is None:
             export_onnx(qmodel, exports[bits], ExportOptions(accuracy_level=4, embed_bits=bits), force=True)
     return q41, q40, exports
 

@@ -162,7 +162,8 @@ def info(model: Optional[Path] = MODEL_ARG):
                                  + (["audio"] if cfg.audio_config else []))),
         ("vocab / context", f"{cfg.vocab_size} / {cfg.max_position_embeddings}"),
         ("parameters", f"{_count(total)} total, {_count(active)} active per token"),
-        ("KV cache", f"{kv_bytes_per_token(cfg) / 1024:.1f} KiB/token (fp16)"),
+        ("KV cache", f"{kv_bytes_per_token(cfg) / 1024:.1f} KiB/token in fp16, "
+                     f"{kv_bytes_per_token(cfg, 4) / 1024:.1f} in fp32 (ONNX Runtime)"),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -170,11 +171,10 @@ def info(model: Optional[Path] = MODEL_ARG):
     m = Table(title="weight memory")
     for col in ("backend / format", "weights", "+ KV at 8K"):
         m.add_column(col)
-    kv8k = 8192 * kv_bytes_per_token(cfg)
-    for label, bits, g in (("torch bf16", 16, 128), ("cuda / ort int8 g128", 8, 128),
-                           ("cuda / ort int4 g128", 4, 128), ("cuda / ort int4 g32", 4, 32)):
+    for label, bits, g, kv in (("torch bf16", 16, 128, 2), ("cuda int4 g128", 4, 128, 2), ("ort int8 g128", 8, 128, 4),
+                               ("ort int4 g128", 4, 128, 4), ("ort int4 g32", 4, 32, 4)):
         w = weight_bytes(cfg, bits, g)
-        m.add_row(label, _bytes(w), _bytes(w + kv8k))
+        m.add_row(label, _bytes(w), _bytes(w + 8192 * kv_bytes_per_token(cfg, kv)))
     console.print(m)
 
 
