@@ -379,3 +379,17 @@ def test_cli_backend_ort_on_a_quantized_checkpoint(tiny_q, tmp_path):
         outs[backend] = r.stdout
     assert outs["ort"] == outs["auto"] and outs["ort"].strip()
     assert len(list((tmp_path / "home" / "onnx").iterdir())) == 1  # exported once, then reused
+
+
+def test_ort_core_runs_without_torch(tiny_q, tmp_path):
+    """A kiosk process that runs only the ONNX path never loads torch (its memory is the point)."""
+    out = export_onnx(tiny_q, tmp_path / "onnx")
+    code = ("import sys, numpy as np\n"
+            "from m3edge.runtime.ort import OrtDecoder\n"
+            f"d = OrtDecoder({str(out)!r}); c = d.new_cache()\n"
+            "l = d.step(np.array([5, 6, 7]), np.tile(np.arange(3), (3, 1)), c)\n"
+            "l = d.step(np.array([int(l.argmax())]), np.full((3, 1), 3), c)\n"
+            "assert l.shape == (1, 1024) and c.length == 4\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
