@@ -42,7 +42,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from m3edge.errors import CheckpointError, M3Error
+from m3edge.errors import M3Error
 from m3edge.export.matmulnbits import NBits, concat_rows, dequantize_nbits, quantize_rows, relayout
 from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, sha256_file, share, validate
 from m3edge.model.m3lite import ROUTER_NAMES, M3Config, rope_inv_freq
@@ -145,9 +145,6 @@ class _Exporter:
         return self.files.get(name).float().numpy()
 
     def _nbits(self, weight: str) -> NBits:
-        if weight not in self.packed:
-            raise CheckpointError(f"'{weight}' is not quantized in {self.src}; export needs every layer linear "
-                                  "quantized (run `m3edge quantize` first)")
         module, scheme = self.packed[weight]
         parts = {k: self.files.get(f"{module}.{k}") for k in _PACKED if f"{module}.{k}" in self.files}
         q, scale, zero = unpack_linear(parts, scheme)
@@ -175,7 +172,16 @@ class _Exporter:
             y = self.matmul_nbits(x, concat_rows(parts), f"{prefix}.{'_'.join(projs)}")
             split = self.g.const(self.g.name("split"), np.array([p.N for p in parts], np.int64))
             return self.g.op("Split", [y, split], len(projs), axis=-1)
-        return [self.matmul_nbits(x, self._nbits(w), w.removesuffix(".weight")) for w in weights]
+        return [self.linear(x, w) for w in weights]
+
+    def linear(self, x: str, weight: str) -> str:
+        """MatMulNBits for a packed weight; a linear the checkpoint keeps in float (`quantize --exclude`)
+        stays exact as an fp32 MatMul."""
+        module = weight.removesuffix(".weight")
+        if weight in self.packed:
+            return self.matmul_nbits(x, self._nbits(weight), module)
+        self.report[module] = {"bits": 16, "carried": "exact (not quantized in the checkpoint): fp32 MatMul"}
+        return self.g.op1("MatMul", [x, self.g.const(f"{module}.weight_t", self._f32(weight).T.copy())])
 
     # -- blocks
     def swiglu(self, x: str, prefix: str) -> str:
@@ -359,11 +365,8 @@ class _Exporter:
                 wt = self._f32("model.embed_tokens.weight").T.copy()
                 g.op("MatMul", [x, g.const("lm_head.weight_t", wt)], out=["logits"])
                 self.report["lm_head"] = {"bits": 16, "carried": "tied: exact fp32"}
-        elif "lm_head.weight" in self.packed:
-            self.matmul_nbits(x, self._nbits("lm_head.weight"), "lm_head", out="logits")
         else:
-            g.op("MatMul", [x, g.const("lm_head.weight_t", self._f32("lm_head.weight").T.copy())], out=["logits"])
-            self.report["lm_head"] = {"bits": 16, "carried": "exact fp32"}
+            g.op("Identity", [self.linear(x, "lm_head.weight")], out=["logits"])
         g.output("logits", F32, [1, "n", V])
         for i in range(cfg.num_hidden_layers):
             for kv in ("key", "value"):

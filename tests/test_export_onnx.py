@@ -393,3 +393,21 @@ def test_ort_core_runs_without_torch(tiny_q, tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_linear_kept_in_float_exports_exactly(tiny_dir, tmp_path):
+    """`m3edge quantize --exclude` keeps a linear in bf16: the export runs it as an fp32 MatMul."""
+    from m3edge.quantize.pipeline import Options, quantize_checkpoint
+
+    q = quantize_checkpoint(tiny_dir, tmp_path / "q", Options(scheme=Scheme(4, 32, True),
+                                                              exclude=[r"model\.layers\.1\.self_attn\.o_proj"]))[0]
+    out = export_onnx(q, tmp_path / "onnx", ExportOptions(accuracy_level=0, embed_bits=16))
+    man = json.loads((out / "export_manifest.json").read_text())["tensors"]
+    assert man["model.layers.1.self_attn.o_proj"]["bits"] == 16 and man["model.layers.0.self_attn.o_proj"]["bits"] == 4
+    ref = load_model(q, dtype=torch.float32)
+    ids, pos, img, aud = _mm_prompt(ref.cfg)
+    with torch.no_grad():
+        r = ref(ids, pos, img, aud)[0]
+    dec = OrtDecoder(out)
+    g = dec.step(ids[0].numpy(), pos[:, 0].numpy(), dec.new_cache(), img.numpy(), aud.numpy(), num_logits=20)
+    np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
