@@ -97,16 +97,9 @@ def profile(path: str, ids: list[int], threads: int) -> dict:
     512-token prompt, summed per op type (the profiler's per-node overhead inflates small ops)."""
     import collections
 
-    import onnxruntime as ort
-
     from m3edge.runtime.ort import OrtDecoder
 
-    d = OrtDecoder(path, threads)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.enable_profiling = threads, True
-    so.profile_file_prefix = str(Path(path) / "ort_profile")
-    d.session = ort.InferenceSession(str(Path(path) / d.manifest["graph"]), so, providers=["CPUExecutionProvider"])
-    d.input_names = {i.name for i in d.session.get_inputs()}
+    d = OrtDecoder(path, threads, profile_prefix=str(Path(path) / "ort_profile"))
     c = d.new_cache()
     d.step(np.array(ids[:PROMPT]), np.tile(np.arange(PROMPT), (3, 1)), c)
     t_start = time.perf_counter()

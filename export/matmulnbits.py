@@ -42,14 +42,10 @@ class NBits:
     block: int
 
 
-def block_of(s: Scheme, k: int) -> int:
-    return PER_CHANNEL_BLOCK if s.group == -1 else s.group
-
-
 def relayout(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, s: Scheme) -> NBits:
     """q int8 [N, K], scale float [N, G], zero int [N, G] or None -> MatMulNBits tensors."""
     n, k = q.shape
-    block = block_of(s, k)
+    block = PER_CHANNEL_BLOCK if s.group == -1 else s.group
     nb = -(-k // block)
     if s.group == -1:  # one scale per row -> the same scale in every block
         scale = np.repeat(scale, nb, axis=1)

@@ -44,7 +44,8 @@ from onnx import TensorProto, helper
 
 from m3edge.errors import M3Error
 from m3edge.export.matmulnbits import NBits, concat_rows, dequantize_nbits, quantize_rows, relayout
-from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, sha256_file, share, validate
+from m3edge.model.checkpoint import (TensorFiles, checkpoint_tensors, packed_parts, read_config, sha256_file, share,
+                                     validate)
 from m3edge.model.m3lite import ROUTER_NAMES, M3Config, rope_inv_freq
 from m3edge.model.packing import unpack_linear
 from m3edge.runtime.ort import EMBED_FILE, FORMAT, MANIFEST, cached_export_dir, find_export
@@ -54,7 +55,6 @@ SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_te
               "generation_config.json", "special_tokens_map.json")
 OPSET = 23
 _ALIGN = 4096  # external-data offsets on page boundaries (ORT can map them)
-_PACKED = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
 @dataclass
@@ -67,6 +67,14 @@ class ExportOptions:
             raise M3Error(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
         if self.embed_bits not in (4, 8, 16):
             raise M3Error(f"--embed-bits must be 4, 8 or 16, got {self.embed_bits}")
+
+
+def write_aligned(f, arr: np.ndarray) -> int:
+    """Append arr's bytes to f at the next page boundary; returns the offset."""
+    off = f.tell()
+    f.write(b"\0" * (-off % _ALIGN))
+    f.write(np.ascontiguousarray(arr).tobytes())
+    return off + -off % _ALIGN
 
 
 class _Graph:
@@ -104,12 +112,7 @@ class _Graph:
             t.raw_data = arr.tobytes()
             self.inits.append(t)
             return name
-        off = self.data.tell()
-        pad = -off % _ALIGN
-        if pad:
-            self.data.write(b"\0" * pad)
-            off += pad
-        self.data.write(arr.tobytes())
+        off = write_aligned(self.data, arr)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.data_name), ("offset", str(off)), ("length", str(arr.nbytes))):
             e = t.external_data.add()
@@ -146,8 +149,7 @@ class _Exporter:
 
     def _nbits(self, weight: str) -> NBits:
         module, scheme = self.packed[weight]
-        parts = {k: self.files.get(f"{module}.{k}") for k in _PACKED if f"{module}.{k}" in self.files}
-        q, scale, zero = unpack_linear(parts, scheme)
+        q, scale, zero = unpack_linear(packed_parts(self.files, module), scheme)
         nb = relayout(q.numpy(), scale.numpy(), None if zero is None else zero.numpy(), scheme)
         self.report[module] = {"bits": scheme.bits, "group": scheme.group, "symmetric": scheme.symmetric,
                                "block": nb.block, "carried": "exact"}
@@ -168,11 +170,15 @@ class _Exporter:
         """y_p = x @ W_p^T for p in projs; one fused MatMulNBits + Split when their schemes agree."""
         weights = [f"{prefix}.{p}.weight" for p in projs]
         if len(projs) > 1 and self._same_scheme(weights):
-            parts = [self._nbits(w) for w in weights]
-            y = self.matmul_nbits(x, concat_rows(parts), f"{prefix}.{'_'.join(projs)}")
-            split = self.g.const(self.g.name("split"), np.array([p.N for p in parts], np.int64))
-            return self.g.op("Split", [y, split], len(projs), axis=-1)
+            y, widths = self.fused(x, prefix, projs)
+            return self.g.op("Split", [y, self.g.const(self.g.name("split"), np.array(widths, np.int64))],
+                             len(projs), axis=-1)
         return [self.linear(x, w) for w in weights]
+
+    def fused(self, x: str, prefix: str, projs: list[str]) -> tuple[str, list[int]]:
+        """One MatMulNBits over the stacked rows of linears with one scheme; returns (y, their widths)."""
+        parts = [self._nbits(f"{prefix}.{p}.weight") for p in projs]
+        return self.matmul_nbits(x, concat_rows(parts), f"{prefix}.{'_'.join(projs)}"), [p.N for p in parts]
 
     def linear(self, x: str, weight: str) -> str:
         """MatMulNBits for a packed weight; a linear the checkpoint keeps in float (`quantize --exclude`)
@@ -181,7 +187,12 @@ class _Exporter:
         if weight in self.packed:
             return self.matmul_nbits(x, self._nbits(weight), module)
         self.report[module] = {"bits": 16, "carried": "exact (not quantized in the checkpoint): fp32 MatMul"}
-        return self.g.op1("MatMul", [x, self.g.const(f"{module}.weight_t", self._f32(weight).T.copy())])
+        return self.float_matmul(x, weight)
+
+    def float_matmul(self, x: str, weight: str, const: str | None = None, out: str | None = None) -> str:
+        """x @ W^T with W [out, in] from the checkpoint, stored transposed in fp32 (as `const`)."""
+        wt = self.g.const(const or weight.removesuffix(".weight") + ".weight_t", self._f32(weight).T.copy())
+        return self.g.op("MatMul", [x, wt], out=[out] if out else None)[0]
 
     # -- blocks
     def swiglu(self, x: str, prefix: str) -> str:
@@ -210,15 +221,15 @@ class _Exporter:
         nh, nkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         if cfg.attention_bias:
             raise M3Error("attention biases are not supported by the ONNX export yet")
-        if cfg.use_qk_norm or not self._same_scheme([f"{p}.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")]):
-            q, k, v = self.linears(x, p, ["q_proj", "k_proj", "v_proj"])
+        projs = ["q_proj", "k_proj", "v_proj"]
+        if cfg.use_qk_norm or not self._same_scheme([f"{p}.{n}.weight" for n in projs]):
+            q, k, v = self.linears(x, p, projs)
             if cfg.use_qk_norm:
                 q = self.head_norm(q, f"{p}.q_norm.weight", nh)
                 k = self.head_norm(k, f"{p}.k_norm.weight", nkv)
             qkv = [q, k, v]
         else:  # packed q|k|v straight into GroupQueryAttention
-            w = concat_rows([self._nbits(f"{p}.{n}.weight") for n in ("q_proj", "k_proj", "v_proj")])
-            qkv = [self.matmul_nbits(x, w, f"{p}.qkv_proj"), "", ""]
+            qkv = [self.fused(x, p, projs)[0], "", ""]
         outs = [self.g.name("attn"), f"present_key.{i}", f"present_value.{i}"]
         self.g.op("GroupQueryAttention", qkv + [f"past_key.{i}", f"past_value.{i}", io["seqlens_k"],
                                                 io["total_seq_len"], io["cos"], io["sin"], io["rope_pos"]],
@@ -232,7 +243,7 @@ class _Exporter:
         xt = g.op1("Reshape", [x, g.const(g.name("shape"), np.array([-1, H], np.int64))])  # [T, H]
         logits = None
         for m, r in enumerate(ROUTER_NAMES[: len(cfg.router_modalities)]):  # spec 4: the token's modality router
-            lm = g.op1("MatMul", [xt, g.const(f"{p}.{r}.weight_t", self._f32(f"{p}.{r}.weight").T.copy())])
+            lm = self.float_matmul(xt, f"{p}.{r}.weight")
             logits = (g.op1("Where", [io["is_mod"][m], lm, g.const(g.name("zero"), np.zeros(1, np.float32))])
                       if logits is None else g.op1("Where", [io["is_mod"][m], lm, logits]))
         if F:  # fusion experts only once a non-text token is in the prefix
@@ -280,30 +291,27 @@ class _Exporter:
             self.report["model.embed_tokens"] = {"bits": 16, "carried": "exact (bf16)"}
             nb = None
         else:
-            nb = quantize_rows(table.float().numpy(), bits, embed_block(self.H, bits))
-            err = float(np.abs(dequantize_nbits(nb) - table.float().numpy()).max())
+            t32 = table.float().numpy()
+            nb = quantize_rows(t32, bits, embed_block(self.H, bits))
+            err = float(np.abs(dequantize_nbits(nb) - t32).max())
             self.report["model.embed_tokens"] = {"bits": bits, "group": nb.block, "symmetric": True,
                                                  "carried": f"quantized at export from bf16 (max abs error {err:.3g})"}
             parts = {"B": nb.B, "scales": nb.scales}
-        layout, off = {"bits": bits, "block": nb.block if nb else None, "hidden": self.H}, 0
+        layout = {"bits": bits, "block": nb.block if nb else None, "hidden": self.H}
         with open(out_dir / EMBED_FILE, "wb") as f:
             for name, arr in parts.items():
-                f.write(b"\0" * (-off % _ALIGN))
-                off += -off % _ALIGN
-                layout[name] = {"offset": off, "shape": list(arr.shape), "dtype": arr.dtype.name}
-                f.write(np.ascontiguousarray(arr).tobytes())
-                off += arr.nbytes
+                layout[name] = {"offset": write_aligned(f, arr), "shape": list(arr.shape), "dtype": arr.dtype.name}
         self.embedding = layout
         return nb
 
     def media(self, h: str, name: str, tok: int, feats: str) -> str:
         g, H = self.g, self.H
         p = f"model.{name}"
-        y = g.op1("MatMul", [feats, g.const(f"{p}.proj_in.weight_t", self._f32(f"{p}.proj_in.weight").T.copy())])
-        y = g.op1("Add", [y, g.const(f"{p}.proj_in.bias", self._f32(f"{p}.proj_in.bias"))])
+        y = g.op1("Add", [self.float_matmul(feats, f"{p}.proj_in.weight"),
+                          g.const(f"{p}.proj_in.bias", self._f32(f"{p}.proj_in.bias"))])
         y = g.op1("Gelu", [y], "com.microsoft")
-        y = g.op1("MatMul", [y, g.const(f"{p}.proj_out.weight_t", self._f32(f"{p}.proj_out.weight").T.copy())])
-        y = g.op1("Add", [y, g.const(f"{p}.proj_out.bias", self._f32(f"{p}.proj_out.bias"))])  # [n, H]
+        y = g.op1("Add", [self.float_matmul(y, f"{p}.proj_out.weight"),
+                          g.const(f"{p}.proj_out.bias", self._f32(f"{p}.proj_out.bias"))])  # [n, H]
         pos = g.op1("NonZero", [g.op1("Equal", [g.op1("Reshape", ["input_ids", g.const(g.name("shape"), np.array([-1], np.int64))]),
                                                   g.const(g.name("tok"), np.array([tok], np.int64))])])  # [1, n]
         h2 = g.op1("Reshape", [h, g.const(g.name("shape"), np.array([-1, H], np.int64))])
@@ -316,7 +324,7 @@ class _Exporter:
         F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
         if cfg.vision_config is not None or cfg.audio_config is not None or cfg.num_experts:
             g.input("input_ids", I64, [1, "S"])  # placeholders and modality routing read the ids
-        io = {"cos": g.input("cos", F32, ["S", D // 2]), "sin": g.input("sin", F32, ["S", D // 2]),
+        io = {"cos": g.input("cos", F32, ["P_plus_S", D // 2]), "sin": g.input("sin", F32, ["P_plus_S", D // 2]),
               "rope_pos": g.input("rope_pos", I64, [1, "S"]), "seqlens_k": g.input("seqlens_k", I32, [1]),
               "total_seq_len": g.input("total_seq_len", I32, [])}
         g.input("nontext_seen", TensorProto.BOOL, [1])
@@ -362,8 +370,7 @@ class _Exporter:
                 self.report["lm_head"] = {"bits": table.bits, "group": table.block,
                                           "carried": f"tied: the int{table.bits} embedding table"}
             else:
-                wt = self._f32("model.embed_tokens.weight").T.copy()
-                g.op("MatMul", [x, g.const("lm_head.weight_t", wt)], out=["logits"])
+                self.float_matmul(x, "model.embed_tokens.weight", const="lm_head.weight_t", out="logits")
                 self.report["lm_head"] = {"bits": 16, "carried": "tied: exact fp32"}
         else:
             g.op("Identity", [self.linear(x, "lm_head.weight")], out=["logits"])

@@ -105,6 +105,17 @@ def _mm_prompt(cfg):
     return ids, pos, torch.randn(4, 3072), torch.randn(3, 1024)
 
 
+def _assert_prefill_parity(qdir, out):
+    """Every logit of the image+audio prompt: ORT (level 0) vs the reference, within 2e-5."""
+    ref = load_model(qdir, dtype=torch.float32)
+    ids, pos, img, aud = _mm_prompt(ref.cfg)
+    with torch.no_grad():
+        r = ref(ids, pos, img, aud)[0]
+    dec = OrtDecoder(out)
+    g = dec.step(ids[0].numpy(), pos[:, 0].numpy(), dec.new_cache(), img.numpy(), aud.numpy(), num_logits=20)
+    np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
+
+
 def test_tiny_m3lite_parity_image_audio(tiny_q, tmp_path):
     """Prefill logits at every position and 64 greedy steps: ORT (level 0, exact embedding) vs the
     torch reference on the dequantized checkpoint; MoE with per-modality routers and the fusion rule."""
@@ -360,13 +371,7 @@ def test_int8_per_channel_parity(tiny_dir, tmp_path):
     out = export_onnx(q, tmp_path / "onnx", ExportOptions(accuracy_level=0, embed_bits=16))
     man = json.loads((out / "export_manifest.json").read_text())
     assert {(v["bits"], v["block"]) for k, v in man["tensors"].items() if ".layers." in k} == {(8, 128)}
-    ref = load_model(q, dtype=torch.float32)
-    ids, pos, img, aud = _mm_prompt(ref.cfg)
-    with torch.no_grad():
-        r = ref(ids, pos, img, aud)[0]
-    dec = OrtDecoder(out)
-    g = dec.step(ids[0].numpy(), pos[:, 0].numpy(), dec.new_cache(), img.numpy(), aud.numpy(), num_logits=20)
-    np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
+    _assert_prefill_parity(q, out)
 
 
 def test_cli_backend_ort_on_a_quantized_checkpoint(tiny_q, tmp_path):
@@ -404,10 +409,4 @@ def test_linear_kept_in_float_exports_exactly(tiny_dir, tmp_path):
     out = export_onnx(q, tmp_path / "onnx", ExportOptions(accuracy_level=0, embed_bits=16))
     man = json.loads((out / "export_manifest.json").read_text())["tensors"]
     assert man["model.layers.1.self_attn.o_proj"]["bits"] == 16 and man["model.layers.0.self_attn.o_proj"]["bits"] == 4
-    ref = load_model(q, dtype=torch.float32)
-    ids, pos, img, aud = _mm_prompt(ref.cfg)
-    with torch.no_grad():
-        r = ref(ids, pos, img, aud)[0]
-    dec = OrtDecoder(out)
-    g = dec.step(ids[0].numpy(), pos[:, 0].numpy(), dec.new_cache(), img.numpy(), aud.numpy(), num_logits=20)
-    np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
+    _assert_prefill_parity(q, out)

@@ -193,6 +193,11 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
 _PACKED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
+def packed_parts(files: TensorFiles, module: str) -> dict[str, torch.Tensor]:
+    """The compressed tensors of one pack-quantized linear, by suffix (for `packing.unpack_linear`)."""
+    return {k: files.get(f"{module}.{k}") for k in _PACKED_PARTS if f"{module}.{k}" in files}
+
+
 class _LazyMap:
     """Mapping-like: yields (name, tensor) one at a time so load_tensors never holds them all;
     packed weights come out dequantized (fp32), under their plain `.weight` name."""
@@ -204,8 +209,7 @@ class _LazyMap:
         from m3edge.model.packing import dequantize_linear
 
         for name, (module, scheme) in self.packed.items():
-            parts = {k: self.files.get(f"{module}.{k}") for k in _PACKED_PARTS if f"{module}.{k}" in self.files}
-            yield name, dequantize_linear(parts, scheme)
+            yield name, dequantize_linear(packed_parts(self.files, module), scheme)
         packed_modules = {m + "." for m, _ in self.packed.values()}
         for n in self.files.names():
             if n.rsplit(".", 1)[0] + "." not in packed_modules:

@@ -98,12 +98,18 @@ def resolve_backend(name: str, model_dir: Path) -> str:
     if name == "ort" and not quantized:
         raise M3Error(f"{model_dir} is not quantized and the ort backend runs int4/int8 models: run "
                       f"`m3edge quantize {model_dir} --out QDIR` first")
-    if name == "ort" and find_export(model_dir) is None:
+    if not _ort_capable(quantized, name):
+        return "torch"
+    if find_export(model_dir) is not None:
+        return "ort"
+    if name == "ort":
         raise M3Error(f"{model_dir} has no ONNX export yet: run `m3edge export {model_dir} --format onnx --out DIR` "
                       "and load DIR (or run `m3edge chat` on it once)")
-    if name == "auto":
-        return "ort" if wants_ort(model_dir) and find_export(model_dir) is not None else "torch"
-    return name
+    return "torch"  # auto before the export exists
+
+
+def _ort_capable(quantized: bool, name: str) -> bool:
+    return quantized and (name == "ort" or (name == "auto" and not torch.cuda.is_available()))
 
 
 def wants_ort(model_dir: Path, name: str = "auto") -> bool:
@@ -111,8 +117,7 @@ def wants_ort(model_dir: Path, name: str = "auto") -> bool:
     asked for ort, or under auto without a CUDA GPU."""
     from m3edge.model.checkpoint import read_config
 
-    quantized = bool(read_config(model_dir).quantization_config)
-    return quantized and (name == "ort" or (name == "auto" and not torch.cuda.is_available()))
+    return _ort_capable(bool(read_config(model_dir).quantization_config), name)
 
 
 def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None) -> Backend:

@@ -111,7 +111,8 @@ class OrtCache:
 class OrtDecoder:
     """Token ids (+ media features) and positions in, logits out; the cache is updated in place."""
 
-    def __init__(self, export_dir: str | os.PathLike, threads: int | None = None):
+    def __init__(self, export_dir: str | os.PathLike, threads: int | None = None, profile_prefix: str | None = None):
+        """`profile_prefix`: run under ONNX Runtime's profiler (`session.end_profiling()` writes the file)."""
         d = Path(export_dir)
         mpath = d / MANIFEST
         if not mpath.is_file():
@@ -137,12 +138,15 @@ class OrtDecoder:
         self.inv_freq = np.asarray(rc["rope_inv_freq"], np.float32)
         self.mrope = rc.get("mrope_section")
         self.image_token, self.audio_token = rc.get("image_token_id"), rc.get("audio_token_id")
+        self._nontext = [t for t in (self.image_token, self.audio_token) if t is not None]
         self.media_dims = {"image_patches": rc.get("image_embed_dim"), "audio_features": rc.get("audio_embed_dim")}
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix:
+            so.enable_profiling, so.profile_file_prefix = True, profile_prefix
         try:
             self.session = ort.InferenceSession(str(d / self.manifest["graph"]), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types with long messages
@@ -276,8 +280,7 @@ class OrtDecoder:
         self.session.run_with_iobinding(b)
         cache.length = P + S
         cache.rope_delta = np.array([positions.max() + 1 - (P + S)], np.int64)
-        nontext = [t for t in (self.image_token, self.audio_token) if t is not None]
-        if nontext and np.isin(ids, nontext).any():
+        if self._nontext and np.isin(ids, self._nontext).any():
             cache.seen_nontext = True
         if num_logits == 1:
             return self._logits1[0]
