@@ -6,6 +6,7 @@ mistake raises `M3Error` somewhere below; `main()` prints its one sentence and e
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,25 +71,15 @@ def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] 
     return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow)
 
 
-DEFAULT_INT4 = (4, 32, False)  # bits, group, symmetric of the default model's CPU form: RTN, seconds to make
-
-
 def prepare_model(model: Optional[Path], backend: str) -> Path:
-    """What the backend will run, made once: the default model imported (and quantized to int4 for the
-    CPU path), and a quantized checkpoint that runs on ONNX Runtime exported into the cache."""
-    from m3edge.model.importers import default_int4_dir, ensure_default_model
+    """What the backend will run, made once: the default model imported (for the CPU path as the GGUF
+    stores it, int4), and a quantized checkpoint that runs on ONNX Runtime exported into the cache."""
+    from m3edge.model.importers import ensure_default_model
     from m3edge.runtime.backends import default_quantized, wants_ort
 
     if model is None:
         with progress_bar("importing the default model") as update:
-            model = ensure_default_model(update)
-            q = default_int4_dir()
-            if default_quantized(backend) and not (q / "manifest.json").exists():
-                from m3edge.model.scheme import Scheme
-                from m3edge.quantize.pipeline import Options, quantize_checkpoint
-
-                quantize_checkpoint(model, q, Options(scheme=Scheme(*DEFAULT_INT4)), force=q.exists(), progress=update)
-            model = q if default_quantized(backend) else model
+            model = ensure_default_model(update, quantized=default_quantized(backend))
     if wants_ort(model, backend):
         from m3edge.export.onnx import ensure_onnx
 
@@ -124,16 +115,46 @@ def import_cmd(
                                          show_default=False),
     out: Path = typer.Option(..., help="Output M3 checkpoint directory."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="GGUF: write every tensor in float32 instead "
+                                                                "of keeping its quantized blocks."),
+    requant_bits: int = typer.Option(8, help="GGUF: bits for tensors whose grid cannot be carried (Q5_*, Q6_K, "
+                                             "...), re-quantized by RTN, group 32: 8 (symmetric) or 4 (with zero "
+                                             "points)."),
 ):
-    """Convert a checkpoint into the M3 layout (full precision; validated).
+    """Convert a checkpoint into the M3 layout (validated).
 
-    Example: m3edge import ./Qwen3-30B-A3B --out ./qwen3-moe-m3
+    A GGUF file's Q4_0, Q4_1, Q8_0 and Q4_K tensors keep their own integers and scales (lossless: the
+    weights equal llama.cpp's dequantization bit for bit); other quantized tensors are re-quantized and
+    listed; float tensors stay float32. The report lands in OUT/manifest.json. HF safetensors are
+    imported in full precision (quantize them with `m3edge quantize`).
+
+    Example: m3edge import ./SmolLM2-135M-Instruct.Q4_1.gguf --out ./smollm2
     """
     from m3edge.model.importers import import_checkpoint
+    from m3edge.model.scheme import Scheme
 
+    if requant_bits not in (4, 8):
+        raise M3Error(f"--requant-bits must be 4 or 8, got {requant_bits}")
+    requant = Scheme(8, 32, True) if requant_bits == 8 else Scheme(4, 32, False)
     with progress_bar("import") as update:
-        path = import_checkpoint(src, out, force=force, progress=update)
+        path = import_checkpoint(src, out, force=force, progress=update, dequantize=dequantize, requant=requant)
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        _import_report(json.loads(manifest.read_text()))
     console.print(f"wrote [bold]{path}[/]")
+
+
+def _import_report(manifest: dict) -> None:
+    """One row per (source type, what became of it), with a tensor count."""
+    rows: dict[tuple[str, str, bool], int] = {}
+    for t in manifest.get("tensors", {}).values():
+        key = (t["source"], t["stored"], t["lossless"])
+        rows[key] = rows.get(key, 0) + 1
+    table = Table("source type", "stored as", "lossless", "tensors")
+    for (src, how, exact), n in sorted(rows.items()):
+        table.add_row(src, how, "yes" if exact else "[yellow]no: re-quantized[/]", str(n))
+    console.print(table)
+    console.print(f"compressed-tensors: {manifest.get('compressed_tensors')}")
 
 
 @app.command()

@@ -16,6 +16,16 @@ weights are identical, not re-quantized. For 4-bit with block | K the bytes of B
 little-endian bytes of `weight_packed` (tested). A per-channel scale (group -1) becomes blocks of
 128 sharing the row's scale; a partial last group is a partial last block (the same k // group
 rule), padded with u = zu so that the padding dequantizes to 0.
+
+A float minimum (GGUF Q4_1 / Q4_K carried as stored: w = u * scale + min) has no MatMulNBits form
+that stays on ORT's fast path: float zero points are accepted but take a dequantize-then-GEMM
+fallback (measured 1.5 ms vs 0.17 ms for 576 -> 1536 at M = 1, int8 compute). So it is split
+exactly into an integer zero point and a residual: zu = round(-min / scale) clamped to the grid,
+r = min + zu * scale (exact in fp32: checked per group, zu = 0 where it would not be), so that
+w = (u - zu) * scale + r. MatMulNBits computes the first part; the exporter adds the residual's
+share, sum_g (x summed over block g) * r[:, g], as a small fp32 MatMul (`mins`; export/onnx.py).
+Centring matters: with zu = 0 the MatMulNBits weights u * scale are all positive, and the int8
+quantization error of the activations (accuracy level 4) scales with them, not with w.
 """
 
 from __future__ import annotations
@@ -40,11 +50,17 @@ class NBits:
     N: int
     bits: int
     block: int
+    mins: np.ndarray | None = None  # float32 [N, n_blocks]: w = (u - zu) * scale + min (added outside MatMulNBits)
 
 
-def relayout(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, s: Scheme) -> NBits:
-    """q int8 [N, K], scale float [N, G], zero int [N, G] or None -> MatMulNBits tensors."""
+def relayout(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, s: Scheme,
+             minimum: np.ndarray | None = None) -> NBits:
+    """q int8 [N, K], scale float [N, G], zero int [N, G] or None, minimum float [N, G] or None
+    -> MatMulNBits tensors."""
     n, k = q.shape
+    if minimum is not None:
+        assert s.group != -1 and k % s.group == 0, "a float minimum needs whole groups"
+        zero, minimum = centre(scale, minimum, s)
     block = PER_CHANNEL_BLOCK if s.group == -1 else s.group
     nb = -(-k // block)
     if s.group == -1:  # one scale per row -> the same scale in every block
@@ -72,7 +88,20 @@ def relayout(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, s: Schem
         else:
             zp = zu
     return NBits(np.ascontiguousarray(B), np.ascontiguousarray(scale, dtype=np.float32),
-                 None if zp is None else np.ascontiguousarray(zp), k, n, s.bits, block)
+                 None if zp is None else np.ascontiguousarray(zp), k, n, s.bits, block,
+                 None if minimum is None else np.ascontiguousarray(minimum, dtype=np.float32))
+
+
+def centre(scale: np.ndarray, minimum: np.ndarray, s: Scheme) -> tuple[np.ndarray, np.ndarray]:
+    """w = (q - qmin) * scale + min  ->  w = (q - z) * scale + r with an integer zero z (signed grid)
+    near -min / scale and the residual r = min + (z - qmin) * scale, exact in fp32 (else z = qmin, r = min)."""
+    sc, mn = scale.astype(np.float64), minimum.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zu = np.where(sc != 0, np.clip(np.rint(-mn / np.where(sc != 0, sc, 1)), 0, (1 << s.bits) - 1), 0)
+    r64 = mn + zu * sc
+    r = r64.astype(np.float32)
+    exact = r.astype(np.float64) == r64
+    return (np.where(exact, zu, 0) + s.qmin).astype(np.int32), np.where(exact, r, minimum).astype(np.float32)
 
 
 def concat_rows(parts: list[NBits]) -> NBits:
@@ -80,28 +109,37 @@ def concat_rows(parts: list[NBits]) -> NBits:
     a = parts[0]
     assert all(p.K == a.K and p.bits == a.bits and p.block == a.block for p in parts)
     assert all((p.zero_points is None) == (a.zero_points is None) for p in parts)
+    assert all((p.mins is None) == (a.mins is None) for p in parts)
     zp = None if a.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    mins = None if a.mins is None else np.concatenate([p.mins for p in parts])
     return NBits(np.concatenate([p.B for p in parts]), np.concatenate([p.scales for p in parts]), zp,
-                 a.K, sum(p.N for p in parts), a.bits, a.block)
+                 a.K, sum(p.N for p in parts), a.bits, a.block, mins)
+
+
+def unpacked_zero_points(w: NBits) -> np.ndarray:
+    """[N, n_blocks] uint8 zero points, one per block (the default 2^(bits-1) when there are none)."""
+    nb = w.B.shape[1]
+    if w.zero_points is None:
+        return np.full((w.N, nb), 1 << (w.bits - 1), np.uint8)
+    if w.bits == 8:
+        return w.zero_points
+    zu = np.empty((w.N, w.zero_points.shape[1] * 2), np.uint8)
+    zu[:, 0::2], zu[:, 1::2] = w.zero_points & 0xF, w.zero_points >> 4
+    return np.ascontiguousarray(zu[:, :nb])
 
 
 def dequantize_nbits(w: NBits) -> np.ndarray:
-    """The weights MatMulNBits computes with, [N, K] float32 (reference for tests)."""
+    """The weights MatMulNBits computes with (plus the minimum term), [N, K] float32 (reference for tests)."""
     n, nb, _ = w.B.shape
     if w.bits == 4:
         u = np.empty((n, nb, w.block), np.uint8)
         u[..., 0::2], u[..., 1::2] = w.B & 0xF, w.B >> 4
     else:
         u = w.B
-    if w.zero_points is None:
-        zu = np.full((n, nb), 1 << (w.bits - 1), np.float32)
-    elif w.bits == 4:
-        zu = np.empty((n, w.zero_points.shape[1] * 2), np.uint8)
-        zu[:, 0::2], zu[:, 1::2] = w.zero_points & 0xF, w.zero_points >> 4
-        zu = zu[:, :nb].astype(np.float32)
-    else:
-        zu = w.zero_points.astype(np.float32)
+    zu = unpacked_zero_points(w).astype(np.float32)
     deq = (u.astype(np.float32) - zu[..., None]) * w.scales[..., None]
+    if w.mins is not None:
+        deq = deq + w.mins[..., None]
     return deq.reshape(n, nb * w.block)[:, : w.K]
 
 

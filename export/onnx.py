@@ -20,10 +20,12 @@ fusion experts until a non-text token was seen, take top-k, and run each expert 
 routed to it (NonZero -> Gather -> expert -> ScatterND add): unselected experts cost no matmul.
 
 Weights: every quantized linear of the artifact becomes MatMulNBits from the same integers and
-scales (`matmulnbits.relayout`). The embedding table (bf16 in the artifact) becomes int8 per 64/128
-values (`embed_bits=8`, llama.cpp's Q8_0 rule) or int4 per 32 (`embed_bits=4`, Q4_0's rule), used
-by the lookup (embed_tokens.bin, read by the runtime) and a tied lm_head, or stays exact
-(`embed_bits=16`: bf16 lookup, fp32 tied lm_head). Tensors go to `model.onnx.data` as they are
+scales (`matmulnbits.relayout`); a float per-group minimum (GGUF Q4_1 / Q4_K carried by the
+importer) adds its share as a group-sum MatMul next to it. The embedding table, when the artifact
+keeps it in bf16, becomes int8 per 64/128 values (`embed_bits=8`, llama.cpp's Q8_0 rule) or int4
+per 32 (`embed_bits=4`, Q4_0's rule), used by the lookup (embed_tokens.bin, read by the runtime)
+and a tied lm_head, or stays exact (`embed_bits=16`: bf16 lookup, fp32 tied lm_head); a table the
+artifact already holds quantized (a GGUF's Q8_0) is carried exactly. Tensors go to `model.onnx.data` as they are
 made (peak memory ~ one linear), then `onnx.checker` runs on the file.
 """
 
@@ -43,7 +45,8 @@ import torch
 from onnx import TensorProto, helper
 
 from m3edge.errors import M3Error
-from m3edge.export.matmulnbits import NBits, concat_rows, dequantize_nbits, quantize_rows, relayout
+from m3edge.export.matmulnbits import (NBits, concat_rows, dequantize_nbits, quantize_rows, relayout,
+                                       unpacked_zero_points)
 from m3edge.model.checkpoint import (TensorFiles, checkpoint_tensors, packed_parts, read_config, sha256_file, share,
                                      validate)
 from m3edge.model.m3lite import ROUTER_NAMES, M3Config, rope_inv_freq
@@ -88,6 +91,7 @@ class _Graph:
         self.data = open(data_path, "wb")
         self.data_name = data_path.name
         self._n = 0
+        self.shared: dict[str, str] = {}  # key -> name of a constant made once (`const_once`)
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -120,6 +124,12 @@ class _Graph:
         self.inits.append(t)
         return name
 
+    def const_once(self, name: str, make: Callable[[], np.ndarray]) -> str:
+        """A constant that several nodes share, made on first use."""
+        if name not in self.shared:
+            self.shared[name] = self.const(name, make())
+        return self.shared[name]
+
     def input(self, name: str, elem: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
@@ -149,10 +159,13 @@ class _Exporter:
 
     def _nbits(self, weight: str) -> NBits:
         module, scheme = self.packed[weight]
-        q, scale, zero = unpack_linear(packed_parts(self.files, module), scheme)
-        nb = relayout(q.numpy(), scale.numpy(), None if zero is None else zero.numpy(), scheme)
+        u = unpack_linear(packed_parts(self.files, module), scheme)
+        nb = relayout(*(None if t is None else t.numpy() for t in (u.q, u.scale, u.zero)), scheme,
+                      None if u.minimum is None else u.minimum.numpy())
         self.report[module] = {"bits": scheme.bits, "group": scheme.group, "symmetric": scheme.symmetric,
                                "block": nb.block, "carried": "exact"}
+        if scheme.float_min:
+            self.report[module].update(float_min=True, carried="exact (float minimum: group-sum fp32 MatMul)")
         return nb
 
     def _same_scheme(self, weights: list[str]) -> bool:
@@ -160,11 +173,21 @@ class _Exporter:
         return len(schemes) == 1 and all(w in self.packed for w in weights)
 
     def matmul_nbits(self, x: str, w: NBits, name: str, out: str | None = None) -> str:
-        ins = [x, self.g.const(f"{name}.B", w.B), self.g.const(f"{name}.scales", w.scales)]
+        g = self.g
+        ins = [x, g.const(f"{name}.B", w.B), g.const(f"{name}.scales", w.scales)]
         if w.zero_points is not None:
-            ins.append(self.g.const(f"{name}.zero_points", w.zero_points))
-        return self.g.op("MatMulNBits", ins, 1, "com.microsoft", out=[out] if out else None, K=w.K, N=w.N, bits=w.bits,
-                         block_size=w.block, accuracy_level=self.opt.accuracy_level)[0]
+            ins.append(g.const(f"{name}.zero_points", w.zero_points))
+        y = g.op("MatMulNBits", ins, 1, "com.microsoft", out=None if out is None or w.mins is not None else [out],
+                 K=w.K, N=w.N, bits=w.bits, block_size=w.block, accuracy_level=self.opt.accuracy_level)[0]
+        if w.mins is None:
+            return y
+        # + sum_g (x summed over block g) * min[:, g]: [T, n_blocks] @ [n_blocks, N], broadcast onto y
+        nb = w.mins.shape[1]
+        ind = g.const_once(f"block_sum.{w.K}x{w.block}",  # [K, n_blocks] of 0/1: x @ ind = x summed per block
+                           lambda: np.kron(np.eye(nb, dtype=np.float32), np.ones((w.block, 1), np.float32)))
+        sums = g.op1("MatMul", [x, ind])
+        term = g.op1("MatMul", [sums, g.const(f"{name}.mins_t", w.mins.T.copy())])
+        return g.op("Add", [y, term], out=[out] if out else None)[0]
 
     def linears(self, x: str, prefix: str, projs: list[str]) -> list[str]:
         """y_p = x @ W_p^T for p in projs; one fused MatMulNBits + Split when their schemes agree."""
@@ -284,14 +307,22 @@ class _Exporter:
         """Write the token table to EMBED_FILE for the runtime's own lookup (a memory map: only the rows
         of tokens seen are ever read, and the graph holds no second copy next to a tied lm_head's
         prepacked one). Returns the quantized table when embed_bits < 16 (a tied lm_head reuses it)."""
-        table = self.files.get("model.embed_tokens.weight")
         bits = self.opt.embed_bits
-        if bits == 16:  # exact: bf16 bits, widened to fp32 at lookup
+        if "model.embed_tokens.weight" in self.packed:  # the artifact's own grid (an imported Q8_0 table)
+            nb = self._nbits("model.embed_tokens.weight")
+            parts = {"B": nb.B, "scales": nb.scales}
+            if nb.zero_points is not None:
+                parts["zero_points"] = unpacked_zero_points(nb)
+            if nb.mins is not None:
+                parts["mins"] = nb.mins
+            bits = nb.bits
+        elif bits == 16:  # exact: bf16 bits, widened to fp32 at lookup
+            table = self.files.get("model.embed_tokens.weight")
             parts = {"table": table.to(torch.bfloat16).view(torch.uint16).numpy()}
             self.report["model.embed_tokens"] = {"bits": 16, "carried": "exact (bf16)"}
             nb = None
         else:
-            t32 = table.float().numpy()
+            t32 = self._f32("model.embed_tokens.weight")
             nb = quantize_rows(t32, bits, embed_block(self.H, bits))
             err = float(np.abs(dequantize_nbits(nb) - t32).max())
             self.report["model.embed_tokens"] = {"bits": bits, "group": nb.block, "symmetric": True,

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3edge.errors import M3Error
-from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, sha256_file, share, validate
+from m3edge.model.checkpoint import INDEX, TensorFiles, read_config, share, validate, write_manifest
 from m3edge.model.m3lite import (MODALITY_TEXT, ROUTER_NAMES, Attention, M3Config, RMSNorm, modality_of,
                                  route, rope_cos_sin, rope_inv_freq)
 from m3edge.model.packing import pack_linear, quantization_config
@@ -485,9 +485,7 @@ def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qn
             shutil.copyfile(src / f, final / f)
     report = {"method": opt.method, "options": opt.key(), "layers": [asdict(r) for r in reports]}
     (final / "quantization_report.json").write_text(json.dumps(report, indent=1))
-    manifest = {"format": "m3edge-quantized/1", "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-                                                          for f in sorted(final.iterdir())}}
-    (final / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(final, {"format": "m3edge-quantized/1"})
     share(final)
     if dst.exists() and force:
         shutil.rmtree(dst)

@@ -67,6 +67,35 @@ def test_relayout_is_bit_exact(bits, group, sym, k):
     assert np.array_equal(dequantize_nbits(both), np.concatenate([ref, ref]))
 
 
+@pytest.mark.parametrize("scale_dtype", [np.float16, np.float32])
+def test_relayout_float_minimum_is_bit_exact(scale_dtype):
+    """GGUF Q4_1 (fp16 d, m) and Q4_K (fp32 d*sc, dmin*m) grids: w = u * scale + min re-laid as an
+    integer zero point near -min/scale plus a residual; the weights stay bit-identical, the zero
+    points centre the MatMulNBits part (|residual| <= scale / 2 where the block spans 0)."""
+    rng = np.random.default_rng(3)
+    s = Scheme(4, 32, False, float_min=True)
+    n, k = 40, 128
+    u = rng.integers(0, 16, (n, k))
+    scale = rng.uniform(1e-3, 2e-2, (n, 4))
+    minimum = -scale * rng.uniform(0, 15, (n, 4))  # blocks that span 0, as Q4_1 makes them
+    minimum[0] = rng.uniform(0.01, 0.1, 4)  # a block of positive weights only
+    minimum[1] = -scale[1] * 40  # and one far below
+    scale[2, 0] = 0  # an all-equal block (d = 0, as llama.cpp writes it)
+    if scale_dtype == np.float32:  # Q4_K: 11-bit d times 6-bit integers
+        scale = (scale.astype(np.float16).astype(np.float32) * rng.integers(1, 64, (n, 4))).astype(np.float32) / 64
+        minimum = minimum.astype(np.float16).astype(np.float32) * 3
+    scale, minimum = scale.astype(scale_dtype).astype(np.float32), minimum.astype(scale_dtype).astype(np.float32)
+    q = torch.from_numpy(u - 8).to(torch.int8)
+    zero = torch.full((n, 4), -8, dtype=torch.int32)
+    ref = dequantize(q, torch.from_numpy(scale), zero, 32, torch.from_numpy(minimum)).numpy()
+    nb = relayout(q.numpy(), scale, zero.numpy(), s, minimum)
+    assert np.array_equal(dequantize_nbits(nb), ref)  # bit for bit
+    assert np.array_equal(dequantize_nbits(concat_rows([nb, nb])), np.concatenate([ref, ref]))
+    spans = (scale > 0) & (minimum <= 0) & (minimum + 15 * scale >= 0)
+    assert (np.abs(nb.mins)[spans] <= scale[spans] / 2 * (1 + 1e-6)).all()
+    assert nb.mins[2, 0] == minimum[2, 0]  # d = 0: zero point 0, the minimum is the whole weight
+
+
 @pytest.mark.parametrize("bits,block", [(8, 64), (4, 32)])
 def test_embedding_table_grid(bits, block):
     w = np.random.default_rng(0).standard_normal((50, 576)).astype(np.float32)
@@ -278,6 +307,46 @@ def test_smollm2_int4_greedy_level4_and_cli(smol_q, tmp_path):
     a, b, err = _greedy_pair(smol_q, out, 8, "What is the capital of France?", steps=32)
     assert a == b, (a, b)
     # int8 activations move logits by up to ~0.5 sigma (measured 0.56 here; fp32 compute: < 1e-4)
+    assert err < 0.75, err
+
+
+def test_mixed_gguf_export_parity(mixed_gguf, tmp_path):
+    """A GGUF with Q4_0 / Q4_1 / Q4_K / Q8_0 carried and Q5_0 / Q6_K re-quantized, its Q8_0 embedding
+    table carried into embed_tokens.bin: ORT (level 0) vs the torch reference, prefill and decode."""
+    from m3edge.model.importers.gguf import import_gguf
+
+    q = import_gguf(mixed_gguf, tmp_path / "q")
+    out = export_onnx(q, tmp_path / "onnx", ExportOptions(accuracy_level=0))
+    man = json.loads((out / "export_manifest.json").read_text())
+    assert man["embedding"]["bits"] == 8 and man["embedding"]["block"] == 32
+    assert man["tensors"]["model.layers.0.self_attn.k_proj"]["float_min"]
+    ref = load_model(q, dtype=torch.float32)
+    dec = OrtDecoder(out)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    cache, oc = KVCache(ref.cfg.num_hidden_layers), dec.new_cache()
+    with torch.no_grad():
+        r = ref(ids, cache=cache)[0]
+    g = dec.step(ids[0].numpy(), np.tile(np.arange(24), (3, 1)), oc, num_logits=24)
+    np.testing.assert_allclose(g, r.numpy(), atol=2e-5 * float(r.abs().max()), rtol=0)
+    for i, t in enumerate([5, 900, 40000]):
+        with torch.no_grad():
+            r = ref(torch.tensor([[t]]), cache=cache)[0]
+        g = dec.step(np.array([t]), np.full((3, 1), 24 + i), oc)
+        np.testing.assert_allclose(g, r.numpy(), atol=2e-5 * float(r.abs().max()), rtol=0)
+
+
+def test_smollm2_carried_q4_1_greedy_level4(smol_carried, tmp_path):
+    """The default model as `make demo` runs it: the GGUF's own Q4_1 / Q8_0 blocks, exported at the
+    shipped setting (int8 activations), greedy tokens vs the torch reference on the file's weights."""
+    out = tmp_path / "onnx"
+    r = subprocess.run([BIN, "export", str(smol_carried), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "export_manifest.json").read_text())
+    assert man["embedding"]["block"] == 32 and man["tensors"]["lm_head"]["carried"] == "tied: the int8 embedding table"
+    layers = [v for k, v in man["tensors"].items() if ".layers." in k]
+    assert len(layers) == 210 and all(v["float_min"] and v["carried"].startswith("exact") for v in layers)
+    a, b, err = _greedy_pair(smol_carried, out, 16, "What is the capital of France?", steps=32)
+    assert a == b, (a, b)
     assert err < 0.75, err
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from m3edge.errors import CheckpointError, ConfigError
-from m3edge.model.packing import (QuantTargets, dequantize_linear, pack_int32, pack_int32_numpy, pack_linear,
+from m3edge.errors import CheckpointError, ConfigError, M3Error
+from m3edge.model.packing import (QuantTargets, dequantize_linear, pack_int32, pack_int32_numpy, pack_linear, packed_shapes,
                                   quantization_config, scheme_for, unpack_int32, unpack_linear)
 from m3edge.model.scheme import Scheme, quantize, scale_zero
 
@@ -96,14 +96,43 @@ def test_pack_linear_round_trip(scheme):
     else:
         assert t["weight_zero_point"].dtype == torch.int32
         assert t["weight_zero_point"].shape == (-(-37 * scheme.bits // 32), g)
-    q2, s2, z2 = unpack_linear(t, scheme)
-    assert torch.equal(q2, q) and torch.equal(s2, scale)
+    q2, s2, z2, m2 = unpack_linear(t, scheme)
+    assert torch.equal(q2, q) and torch.equal(s2, scale) and m2 is None
     assert (z2 is None) if scheme.symmetric else torch.equal(z2, zero)
     z = 0 if zero is None else zero.float().repeat_interleave(256 // g, 1)  # [37, 256]
     assert torch.equal(dequantize_linear(t, scheme), (q.float() - z) * scale.repeat_interleave(256 // g, 1))
     bad = dict(t, weight_shape=torch.tensor([37, 128]))
     with pytest.raises(CheckpointError):
         unpack_linear(bad, scheme)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_float_minimum_round_trip_and_config(scale_dtype):
+    """m3edge's float-minimum form (GGUF Q4_1 / Q4_K carried): weight_min next to the scale, no zero
+    point, w = (q - qmin) * scale + min in fp32; its own group format in config.json."""
+    s = Scheme(4, 32, False, float_min=True)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-8, 8, (37, 64), generator=g).to(torch.int8)
+    scale = (torch.rand(37, 2, generator=g) * 0.01).to(scale_dtype).float()
+    minimum = (-torch.rand(37, 2, generator=g) * 0.1).to(scale_dtype).float()
+    t = pack_linear(q, scale, None, s, scale_dtype, minimum)
+    assert set(t) == {"weight_packed", "weight_scale", "weight_shape", "weight_min"}
+    assert t["weight_min"].dtype == scale_dtype and t["weight_min"].shape == (37, 2)
+    assert packed_shapes(37, 64, s) == {k: tuple(v.shape) for k, v in t.items()}
+    u = unpack_linear(t, s)
+    assert torch.equal(u.q, q) and torch.equal(u.minimum, minimum) and (u.zero == -8).all()
+    want = (q.float() + 8) * scale.repeat_interleave(32, 1) + minimum.repeat_interleave(32, 1)
+    assert torch.equal(dequantize_linear(t, s), want)
+    with pytest.raises(CheckpointError, match="weight_min"):
+        unpack_linear({k: v for k, v in t.items() if k != "weight_min"}, s)
+    with pytest.raises(ValueError, match="minimum is not exactly representable"):
+        pack_linear(q, scale, None, s, scale_dtype, minimum.double() * (1 + 2 ** -40))
+    qcfg = json.loads(json.dumps(quantization_config([(s, ["a"]), (Scheme(8, 32, True), ["b"])], [])))
+    assert qcfg["format"] == "mixed-precision"
+    assert scheme_for("a", qcfg) == s and scheme_for("b", qcfg) == Scheme(8, 32, True)
+    assert quantization_config([(Scheme(8, 32, True), ["b"])], [])["format"] == "pack-quantized"
+    with pytest.raises(M3Error, match="asymmetric and grouped"):
+        Scheme(4, 32, True, float_min=True)
 
 
 # ---------------------------------------------------------------------------------------------- 2. interop

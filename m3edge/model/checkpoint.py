@@ -169,7 +169,7 @@ def validate(cfg: M3Config, files: TensorFiles, expected: dict[str, tuple[int, .
         if got != shape:
             raise CheckpointError(f"tensor '{name}' in {fname} has shape {list(got)}, config.json implies {list(shape)}")
         is_float = _ST_DTYPES.get(dt, torch.uint8).is_floating_point
-        if name.endswith(_PACKED_PARTS) and not name.endswith("weight_scale"):
+        if name.endswith(_PACKED_PARTS) and not name.endswith(_FLOAT_PARTS):
             if is_float:
                 raise CheckpointError(f"tensor '{name}' in {fname} has dtype {dt}; packed weights are integers")
         elif not is_float:
@@ -190,7 +190,8 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-_PACKED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+_PACKED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_min")
+_FLOAT_PARTS = ("weight_scale", "weight_min")
 
 
 def packed_parts(files: TensorFiles, module: str) -> dict[str, torch.Tensor]:
@@ -222,6 +223,13 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_manifest(d: Path, manifest: dict[str, Any]) -> None:
+    """d/manifest.json: `manifest` plus "files": the sha256 and size of every file in d."""
+    files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+             for f in sorted(d.iterdir()) if f.is_file() and f.name != "manifest.json"}
+    (d / "manifest.json").write_text(json.dumps({**manifest, "files": files}, indent=2))
 
 
 def share(d: Path) -> None:
@@ -270,8 +278,10 @@ class CheckpointWriter:
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
-    def finish(self, config: dict[str, Any], files: dict[str, str | bytes] | None = None) -> Path:
-        """Write config + side files, name the shards, then rename the temp dir to `out`."""
+    def finish(self, config: dict[str, Any], files: dict[str, str | bytes] | None = None,
+               manifest: dict[str, Any] | None = None) -> Path:
+        """Write config + side files, name the shards, then rename the temp dir to `out`. With a
+        `manifest`, manifest.json is written last: it plus a sha256 and size of every other file."""
         self._flush()
         n = len(self.shards)
         weight_map = {}
@@ -286,6 +296,8 @@ class CheckpointWriter:
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(self.tmp / fname, mode) as f:
                 f.write(content)
+        if manifest is not None:
+            write_manifest(self.tmp, manifest)
         share(self.tmp)
         if self.out.exists() and self.overwrite:
             shutil.rmtree(self.out)

@@ -28,12 +28,23 @@ Dequantization: w = (q - zero) * scale, scale and zero broadcast over each group
 consecutive inputs. compressed-tensors computes it in the scale's dtype; for bf16 scales with
 |q - zero| <= 255 that is the exact product rounded once to bf16, so it equals our fp32 result cast
 to bf16 (`dequantize_linear` returns the exact product in fp32).
+
+m3edge's own extension, format "m3edge-pack-quantized-min" (scheme.float_min; GGUF Q4_1 / Q4_K
+blocks carried as stored): the same weight_packed (u = q + 2^(b-1) is llama.cpp's unsigned nibble),
+weight_scale in the source's precision, no zero point, and
+
+    <name>.weight_min         float [out, G]        w = u * scale + min
+
+compressed-tensors cannot express a float minimum (its zero point is on the integer grid and
+subtracted before scaling), so a checkpoint holding such groups says so in config.json's format
+("mixed-precision" with this group format) and in its manifest; m3edge reads it everywhere.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +55,7 @@ from m3edge.model.scheme import Scheme
 from m3edge.model.scheme import dequantize as _dequantize
 
 FORMAT = "pack-quantized"
+FLOAT_MIN_FORMAT = "m3edge-pack-quantized-min"  # our extension: w = u * scale + min (see the module doc)
 QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.0"  # the compressed-tensors release this layout was checked against
 PRESETS = {  # compressed-tensors preset group names this module can read (config_groups {"W4A16": [targets]})
@@ -125,20 +137,22 @@ def _unpack_rows(p: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 
 
 def pack_linear(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme,
-                scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+                scale_dtype: torch.dtype = torch.bfloat16, minimum: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One linear's compressed tensors, named, typed and shaped as compressed-tensors writes them.
 
     q [out, in] int8, scale [out, G] (values must be exact in `scale_dtype`: round the scale before
-    computing q, so the stored scale is the one used), zero [out, G] int or None (symmetric).
+    computing q, so the stored scale is the one used), zero [out, G] int or None (symmetric);
+    a float_min scheme takes `minimum` [out, G] instead of zero, stored in `scale_dtype` (exactly).
     """
     assert q.dim() == 2 and q.dtype == torch.int8, f"q must be int8 [out, in], got {q.dtype} {tuple(q.shape)}"
     out, k = q.shape
     G = scheme.n_groups(k)
     assert tuple(scale.shape) == (out, G), f"scale must be [{out}, {G}], got {tuple(scale.shape)}"
     s = scale.to(scale_dtype)
-    if not torch.equal(s.to(scale.dtype), scale):
-        raise ValueError(f"scale is not exactly representable in {scale_dtype}; round it to {scale_dtype} "
-                         "before computing q so that the stored scale is the one used")
+    for what, v in (("scale", scale), ("minimum", minimum)):
+        if v is not None and not torch.equal(v.to(scale_dtype).to(v.dtype), v):
+            raise ValueError(f"{what} is not exactly representable in {scale_dtype}; round it to {scale_dtype} "
+                             "before computing q so that the stored value is the one used")
     if (q.numel() and (int(q.min()) < scheme.qmin or int(q.max()) > scheme.qmax)):
         raise ValueError(f"q has values outside [{scheme.qmin}, {scheme.qmax}] for int{scheme.bits}")
     t = {
@@ -146,7 +160,11 @@ def pack_linear(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
         "weight_scale": s.contiguous(),  # [out, G]
         "weight_shape": torch.tensor([out, k], dtype=torch.int64),  # torch.tensor(weight.shape)
     }
-    if scheme.symmetric:
+    if scheme.float_min:
+        assert zero is None and minimum is not None and tuple(minimum.shape) == (out, G), \
+            f"a float-minimum scheme takes minimum [{out}, {G}] and no zero point"
+        t["weight_min"] = minimum.to(scale_dtype).contiguous()
+    elif scheme.symmetric:
         assert zero is None, "a symmetric scheme has no zero point"
     else:
         assert zero is not None and tuple(zero.shape) == (out, G), \
@@ -155,9 +173,15 @@ def pack_linear(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     return t
 
 
-def unpack_linear(tensors: dict[str, torch.Tensor], scheme: Scheme
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Read back `pack_linear`'s tensors: q [out, in] int8, scale [out, G] fp32, zero [out, G] int32 or None."""
+class Unpacked(NamedTuple):
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # fp32 [out, G]
+    zero: torch.Tensor | None  # int32 [out, G] (asymmetric; qmin everywhere for float_min) or None
+    minimum: torch.Tensor | None  # fp32 [out, G] (float_min) or None
+
+
+def unpack_linear(tensors: dict[str, torch.Tensor], scheme: Scheme) -> Unpacked:
+    """Read back `pack_linear`'s tensors."""
     try:
         packed, scale, shape = tensors["weight_packed"], tensors["weight_scale"], tensors["weight_shape"]
     except KeyError as e:
@@ -170,21 +194,27 @@ def unpack_linear(tensors: dict[str, torch.Tensor], scheme: Scheme
         raise CheckpointError(f"weight_packed {tuple(packed.shape)} / weight_scale {tuple(scale.shape)} do not fit "
                               f"weight_shape ({out}, {k}) with int{scheme.bits}, group {scheme.group}")
     q = unpack_int32(packed, scheme.bits, k)
-    zero = None
-    if not scheme.symmetric:
+    zero = minimum = None
+    if scheme.float_min:
+        minimum = tensors.get("weight_min")
+        if minimum is None or tuple(minimum.shape) != (out, n_groups):
+            raise CheckpointError(f"a float-minimum linear needs weight_min [{out}, {n_groups}], got "
+                                  f"{None if minimum is None else tuple(minimum.shape)}")
+        zero, minimum = torch.full((out, n_groups), scheme.qmin, dtype=torch.int32), minimum.float()
+    elif not scheme.symmetric:
         if "weight_zero_point" not in tensors:
             raise CheckpointError("an asymmetric pack-quantized linear lacks its weight_zero_point tensor")
         zp = tensors["weight_zero_point"]
         if tuple(zp.shape) != (-(-out * scheme.bits // 32), n_groups):
             raise CheckpointError(f"weight_zero_point {tuple(zp.shape)} does not fit {out} rows x {n_groups} groups")
         zero = _unpack_rows(zp, scheme.bits, out).to(torch.int32)
-    return q, scale.float(), zero
+    return Unpacked(q, scale.float(), zero, minimum)
 
 
 def dequantize_linear(tensors: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
-    """w [out, in] fp32 = (q - zero) * scale; exact (no rounding) for bf16 / fp16 scales."""
-    q, scale, zero = unpack_linear(tensors, scheme)
-    return _dequantize(q, scale, zero, scheme.group_size(q.shape[1]))
+    """w [out, in] fp32 = (q - zero) * scale (+ min); the product is exact for bf16 / fp16 scales."""
+    u = unpack_linear(tensors, scheme)
+    return _dequantize(u.q, u.scale, u.zero, scheme.group_size(u.q.shape[1]), u.minimum)
 
 
 # ---------------------------------------------------------------------------------------------- config.json
@@ -215,11 +245,12 @@ def quantization_config(groups: list[tuple[Scheme, list[str]]], ignore: list[str
             "weights": _weights_args(s),
             "input_activations": None,
             "output_activations": None,
-            "format": FORMAT,
+            "format": FLOAT_MIN_FORMAT if s.float_min else FORMAT,
         }
+    formats = {g["format"] for g in config_groups.values()} or {FORMAT}
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": list(ignore),
@@ -244,8 +275,9 @@ def _scheme_of(group: dict, top_format: str | None) -> Scheme | None:
     if w is None:
         return None
     fmt = group.get("format") or top_format
-    if fmt != FORMAT:
-        raise ConfigError(f"quantization format '{fmt}' is not supported (only '{FORMAT}')")
+    if fmt not in (FORMAT, FLOAT_MIN_FORMAT):
+        raise ConfigError(f"quantization format '{fmt}' is not supported (only '{FORMAT}' and m3edge's "
+                          f"'{FLOAT_MIN_FORMAT}')")
     if group.get("input_activations") is not None or group.get("output_activations") is not None:
         raise ConfigError("activation quantization is not supported (weight-only schemes only)")
     if w.get("type", "int") != "int":
@@ -263,7 +295,7 @@ def _scheme_of(group: dict, top_format: str | None) -> Scheme | None:
     elif strategy != "group":
         raise ConfigError(f"weight strategy '{strategy}' is not supported (only group and channel)")
     try:
-        return Scheme(int(w.get("num_bits", 8)), int(gs), bool(w.get("symmetric", True)))
+        return Scheme(int(w.get("num_bits", 8)), int(gs), bool(w.get("symmetric", True)), fmt == FLOAT_MIN_FORMAT)
     except M3Error as e:
         raise ConfigError(f"unsupported weight scheme {w}: {e}") from None
 
@@ -343,6 +375,8 @@ def packed_shapes(out: int, k: int, s: Scheme) -> dict[str, tuple[int, ...]]:
     per = 32 // s.bits
     g = s.n_groups(k)
     shapes = {"weight_packed": (out, -(-k // per)), "weight_scale": (out, g), "weight_shape": (2,)}
-    if not s.symmetric:
+    if s.float_min:
+        shapes["weight_min"] = (out, g)
+    elif not s.symmetric:
         shapes["weight_zero_point"] = (-(-out // per), g)
     return shapes

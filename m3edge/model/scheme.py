@@ -3,7 +3,9 @@
 The grid is compressed-tensors' (`type: int`): signed integers q in [-2^(b-1), 2^(b-1) - 1];
 symmetric: w ~ q * scale; asymmetric: w ~ (q - zero) * scale with an integer zero in the same
 range. One scale (and zero) per output row per `group` consecutive inputs (`group == -1`: one per
-row, "channel" strategy); G = ceil(in / group), so when group does not divide in the last group
+row, "channel" strategy). A third form, `float_min`, carries GGUF's Q4_1 / Q4_K blocks as stored:
+w = (q - qmin) * scale + min with a float minimum per group (q - qmin is llama.cpp's unsigned u);
+compressed-tensors has no such form, so m3edge writes it under its own format name (packing.py); G = ceil(in / group), so when group does not divide in the last group
 of a row is shorter (compressed-tensors and ONNX Runtime's MatMulNBits read it the same way:
 input k uses scale column k // group). Experts are quantized one by one, so scales are never
 shared across them.
@@ -24,12 +26,15 @@ class Scheme:
     bits: int = 4
     group: int = 128  # inputs per scale; -1 = per output channel
     symmetric: bool = True
+    float_min: bool = False  # w = (q - qmin) * scale + min (GGUF Q4_1 / Q4_K); needs symmetric=False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise M3Error(f"--bits must be 4 or 8, got {self.bits}")
         if self.group not in (-1, 32, 64, 128):
             raise M3Error(f"--group must be 32, 64, 128 or -1 (per channel), got {self.group}")
+        if self.float_min and (self.symmetric or self.group == -1):
+            raise M3Error("a float-minimum scheme is asymmetric and grouped")
 
     @property
     def qmin(self) -> int:
@@ -97,9 +102,12 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s:
     return torch.round(x).clamp(s.qmin, s.qmax).to(torch.int8)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None = None) -> torch.Tensor:
-    """q [out, in] int, scale / zero [out, G] -> w [out, in] fp32: (q - zero) * scale.
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None = None,
+               minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """q [out, in] int, scale / zero / minimum [out, G] -> w [out, in] fp32: (q - zero) * scale (+ minimum).
 
+    With a float minimum (`float_min`, zero = qmin) this is GGUF's own `d * u + m` in fp32: u * d is
+    exact (an fp16 or 17-bit d times a 4-bit u), so the one rounding is the addition, as in gguf-py.
     `group` may be left out when it divides `in` (it is then in / G); a partial last group needs it."""
     k = q.shape[1]
     if group is None:
@@ -108,4 +116,5 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     x = q.float()
     if zero is not None:
         x = x - _per_input(zero, k, group).float()
-    return x * _per_input(scale, k, group).float()
+    x = x * _per_input(scale, k, group).float()
+    return x if minimum is None else x + _per_input(minimum, k, group).float()

