@@ -8,7 +8,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import pytest
 import torch
 
 from conftest import MIXED_TYPES

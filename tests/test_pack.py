@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from m3edge.errors import CheckpointError, ConfigError, M3Error
-from m3edge.model.packing import (QuantTargets, dequantize_linear, pack_int32, pack_int32_numpy, pack_linear, packed_shapes,
-                                  quantization_config, scheme_for, unpack_int32, unpack_linear)
+from m3edge.model.packing import (QuantTargets, dequantize_linear, pack_int32, pack_int32_numpy, pack_linear,
+                                  packed_shapes, quantization_config, scheme_for, unpack_int32, unpack_linear)
 from m3edge.model.scheme import Scheme, quantize, scale_zero
 
 ATTN = "re:.*self_attn\\.(q|k|v|o)_proj$"

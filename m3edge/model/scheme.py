@@ -5,9 +5,10 @@ symmetric: w ~ q * scale; asymmetric: w ~ (q - zero) * scale with an integer zer
 range. One scale (and zero) per output row per `group` consecutive inputs (`group == -1`: one per
 row, "channel" strategy). A third form, `float_min`, carries GGUF's Q4_1 / Q4_K blocks as stored:
 w = (q - qmin) * scale + min with a float minimum per group (q - qmin is llama.cpp's unsigned u);
-compressed-tensors has no such form, so m3edge writes it under its own format name (packing.py); G = ceil(in / group), so when group does not divide in the last group
-of a row is shorter (compressed-tensors and ONNX Runtime's MatMulNBits read it the same way:
-input k uses scale column k // group). Experts are quantized one by one, so scales are never
+compressed-tensors has no such form, so m3edge writes it under its own format name (packing.py).
+G = ceil(in / group), so when group does not divide in the last group of a row is shorter
+(compressed-tensors and ONNX Runtime's MatMulNBits read it the same way: input k uses scale
+column k // group). Experts are quantized one by one, so scales are never
 shared across them.
 """
 
