@@ -5,7 +5,12 @@ SmolLM2-135M-Instruct on this machine, one run, one table. Rows:
     llama.cpp's own quantize function (`llama_model_quantize`, its fastest 4-bit CPU path);
   * m3edge: the same GGUF imported, `m3edge quantize` int4 (default: GPTQ, symmetric, group 32 as
     Q4_0, act-order), exported with `m3edge export --format onnx` (MatMulNBits, accuracy level 4),
-    run by `OrtDecoder` (chunked prefill, IO binding).
+    run by `OrtDecoder` (chunked prefill, IO binding);
+  * m3edge on the GGUF's own blocks: `m3edge import` carries the Q4_1 / Q8_0 blocks losslessly (what
+    `make demo` runs), exported the same way; and at accuracy level 0 for the body (fp32 activations;
+    the 8-bit lm_head stays at level 4, whose fp32 path in ORT is a dequantize-then-GEMM fallback).
+    Below the table: the torch reference's perplexity on the carried checkpoint (the file's exact
+    weights in fp32) against llama.cpp's on the file, over the same ids.
 Columns: prefill tokens/s (a 512-token prompt, best of 3 in a run), decode tokens/s (128 greedy
 tokens after it), first-token latency (that prompt in, first token out), peak RSS of the process;
 each the median of 3 runs interleaved across engines (min-max of decode shown), and
@@ -160,9 +165,31 @@ def run_worker(kind: str, path: Path, task: str, ids_file: Path, threads: int) -
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _body_level0(src: Path, dst: Path) -> Path:
+    """A copy of export `src` whose 4-bit MatMulNBits compute in fp32 (accuracy level 0); the graph is
+    rewritten, the weights file hard-linked (ORT wants external data inside the model's directory)."""
+    import shutil
+
+    import onnx
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.onnx":
+            os.link(f, dst / f.name)
+    m = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits" and next(a.i for a in n.attribute if a.name == "bits") == 4:
+            next(a for a in n.attribute if a.name == "accuracy_level").i = 0
+    (dst / "model.onnx").unlink()
+    onnx.save(m, str(dst / "model.onnx"))
+    return dst
+
+
 def prepare(work: Path, qmodel: Path | None, method_args: list[str], embed_bits: list[int]
-            ) -> tuple[Path, Path, dict[int, Path]]:
-    """(Q4_1 gguf, Q4_0 gguf, {embed bits: m3edge ONNX export}), made once into `work`."""
+            ) -> tuple[Path, Path, dict[str, Path], Path]:
+    """(Q4_1 gguf, Q4_0 gguf, {row name: m3edge ONNX export}, the carried checkpoint), made once into `work`."""
     import ctypes
 
     import llama_cpp
@@ -189,10 +216,17 @@ def prepare(work: Path, qmodel: Path | None, method_args: list[str], embed_bits:
             subprocess.run([bin_, "quantize", str(src), "--out", str(qmodel), "--force", *method_args], check=True)
     exports = {}
     for bits in embed_bits:
-        exports[bits] = work / f"{qmodel.name}-onnx-embed{bits}"
-        if find_export(exports[bits]) is None:
-            export_onnx(qmodel, exports[bits], ExportOptions(accuracy_level=4, embed_bits=bits), force=True)
-    return q41, q40, exports
+        d = exports[f"m3edge ORT int4, int{bits} embed/lm_head"] = work / f"{qmodel.name}-onnx-embed{bits}"
+        if find_export(d) is None:
+            export_onnx(qmodel, d, ExportOptions(accuracy_level=4, embed_bits=bits), force=True)
+    carried = work / "smollm2-q4_1-carried"  # the GGUF's own blocks, as `make demo` runs them
+    if not (carried / "manifest.json").exists():
+        subprocess.run([bin_, "import", str(q41), "--out", str(carried), "--force"], check=True)
+    d = exports["m3edge ORT, GGUF Q4_1 carried (lossless)"] = work / "smollm2-q4_1-carried-onnx"
+    if find_export(d) is None:
+        export_onnx(carried, d, ExportOptions(accuracy_level=4), force=True)
+    exports["m3edge ORT, GGUF Q4_1 carried, fp32 activations"] = _body_level0(d, work / "smollm2-q4_1-carried-onnx0")
+    return q41, q40, exports, carried
 
 
 def main() -> None:
@@ -218,13 +252,14 @@ def main() -> None:
     from m3edge.eval import text_ids
     from m3edge.model.tokenizer import Tokenizer
 
-    q41, q40, exports = prepare(a.work, a.qmodel, a.quantize_args.split(), [int(b) for b in a.embed_bits.split(",")])
+    q41, q40, exports, carried = prepare(a.work, a.qmodel, a.quantize_args.split(),
+                                         [int(b) for b in a.embed_bits.split(",")])
     tok = Tokenizer.from_dir(next(iter(exports.values())))
     ids = text_ids(tok, a.text)
     ids_file = a.work / "ids.json"
     ids_file.write_text(json.dumps(ids))
     rows = [("llama.cpp Q4_0", "llama", q40), ("llama.cpp Q4_1 (as shipped)", "llama", q41)]
-    rows += [(f"m3edge ORT int4, int{b} embed/lm_head", "ort", d) for b, d in exports.items()]
+    rows += [(name, "ort", d) for name, d in exports.items()]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
     for rnd in range(ROUNDS):
         for name, kind, path in rows:
@@ -253,12 +288,23 @@ def main() -> None:
         print(f"| {name} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} ({spread}) | {r['ttft_ms']:.0f} | {r['rss_mb']:.0f} | "
               f"{r['ppl']:.3f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
               f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['rss_mb'] / base['rss_mb']:.2f}x |")
+    from m3edge.eval import perplexity
+    from m3edge.model.checkpoint import load_model
+
+    ref = perplexity(load_model(carried), tok, ids, window=PROMPT)
+    results["torch reference, GGUF Q4_1 carried"] = {"ppl": ref.ppl, "ppl_tokens": ref.tokens}
+    file_ppl = results["llama.cpp Q4_1 (as shipped)"]["ppl"]
+    print(f"\nPerplexity of the GGUF's own weights (same {ref.tokens} predicted tokens):\n\n"
+          "| engine | perplexity | vs llama.cpp on the Q4_1 file |\n|---|---|---|")
+    for name in ("llama.cpp Q4_1 (as shipped)", "torch reference, GGUF Q4_1 carried",
+                 "m3edge ORT, GGUF Q4_1 carried (lossless)", "m3edge ORT, GGUF Q4_1 carried, fp32 activations"):
+        print(f"| {name} | {results[name]['ppl']:.4f} | {100 * (results[name]['ppl'] / file_ppl - 1):+.2f}% |")
     if a.profile:
-        for b, d in exports.items():
+        for name, d in exports.items():
             prof = run_worker("ort", d, "profile", ids_file, a.threads)
-            results[f"profile embed{b}"] = prof
+            results[f"profile: {name}"] = prof
             total = sum(prof["us_per_token_by_op"].values())
-            print(f"\nORT decode profile (int{b} embed/lm_head; {prof['wall_ms_per_token_profiled']:.1f} ms/token "
+            print(f"\nORT decode profile ({name}; {prof['wall_ms_per_token_profiled']:.1f} ms/token "
                   "under the profiler):\n\n| op type | us/token | share |\n|---|---|---|")
             for op, us in prof["us_per_token_by_op"].items():
                 if us >= 0.005 * total:

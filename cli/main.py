@@ -185,6 +185,7 @@ def info(model: Optional[Path] = MODEL_ARG):
         ("parameters", f"{_count(total)} total, {_count(active)} active per token"),
         ("KV cache", f"{kv_bytes_per_token(cfg) / 1024:.1f} KiB/token in fp16, "
                      f"{kv_bytes_per_token(cfg, 4) / 1024:.1f} in fp32 (ONNX Runtime)"),
+        ("stored as", _stored_as(cfg, model)),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -197,6 +198,22 @@ def info(model: Optional[Path] = MODEL_ARG):
         w = weight_bytes(cfg, bits, g)
         m.add_row(label, _bytes(w), _bytes(w + 8192 * kv_bytes_per_token(cfg, kv)))
     console.print(m)
+
+
+def _stored_as(cfg, model: Path) -> str:
+    """The checkpoint's own weight formats (linears per scheme) and its size on disk."""
+    from collections import Counter
+
+    from m3edge.model.checkpoint import checkpoint_tensors
+
+    disk = _bytes(sum(f.stat().st_size for f in Path(model).glob("*.safetensors")))
+    schemes = Counter(s for _, s in checkpoint_tensors(cfg)[1].values())
+    if not schemes:
+        return f"{cfg.torch_dtype}, {disk} on disk"
+    forms = ", ".join(f"{n} x int{s.bits} " + (f"g{s.group}" if s.group > 0 else "per channel")
+                      + (" + float minimum" if s.float_min else " sym" if s.symmetric else " zero points")
+                      for s, n in schemes.most_common())
+    return f"{forms}; {disk} on disk"
 
 
 def _count(n: int) -> str:

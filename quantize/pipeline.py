@@ -147,7 +147,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opt: Options, force: b
     opt.validate()
     cfg = read_config(src)
     if cfg.quantization_config:
-        raise M3Error(f"'{src}' is already quantized; quantize the full-precision checkpoint instead")
+        raise M3Error(f"'{src}' is already quantized; quantize the full-precision checkpoint instead (from a GGUF "
+                      "file: `m3edge import FILE.gguf --dequantize --out DIR`)")
     files = TensorFiles(src, keep_open=False)
     validate(cfg, files)
     if dst.exists() and not force:
