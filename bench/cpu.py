@@ -182,7 +182,6 @@ def _body_level0(src: Path, dst: Path) -> Path:
     for n in m.graph.node:
         if n.op_type == "MatMulNBits" and next(a.i for a in n.attribute if a.name == "bits") == 4:
             next(a for a in n.attribute if a.name == "accuracy_level").i = 0
-    (dst / "model.onnx").unlink()
     onnx.save(m, str(dst / "model.onnx"))
     return dst
 
