@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python 3.11, pip, no GPU):
-#   make demo   set up, import the embedded SmolLM2-135M-Instruct, make it int4, chat with it on
+#   make demo   set up, import the embedded SmolLM2-135M-Instruct keeping its int4 blocks, chat with it on
 #               ONNX Runtime (the CPU path; exported once into ~/.cache/m3edge)
 #   make test   set up, run the test suite
 PYTHON ?= python3
