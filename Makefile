@@ -12,7 +12,7 @@ DEMO_QUESTION ?= What is the capital of France? Answer in one sentence.
 
 # Debian packages: PortAudio for the microphone; espeak-ng and sox make the speech the capture tests
 # feed through a virtual ALSA device.
-SYSPKGS := libportaudio2 espeak-ng sox
+SYSPKGS := libportaudio2 espeak-ng sox chromium chromium-driver
 
 .PHONY: setup sysdeps demo test clean
 

@@ -401,6 +401,53 @@ def _live_chat(engine, session, params, mic: bool, mic_device, ptt: bool, camera
 
 
 @app.command()
+def serve(
+    model: Optional[Path] = MODEL_ARG,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (anything but loopback needs --api-key)."),
+    port: int = typer.Option(8080, help="TCP port (0: any free one, printed)."),
+    api_key: Optional[str] = typer.Option(None, envvar="M3EDGE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (env M3EDGE_API_KEY)."),
+    backend: str = BACKEND,
+    max_context: Optional[int] = typer.Option(None, help="Context window in tokens (default: the model's)."),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="Largest image a request may send (width x height)."),
+    max_audio_seconds: float = typer.Option(120.0, help="Longest audio a request may send."),
+    max_body_mb: float = typer.Option(32.0, help="Largest request body, base64 media included."),
+    max_active: int = typer.Option(4, help="Generations running at once (they share the engine token by token)."),
+    max_queued: int = typer.Option(16, help="Requests waiting for a slot; beyond that: 503."),
+    static: Optional[Path] = typer.Option(None, help="Serve this folder at / (e.g. examples/kiosk)."),
+):
+    """Serve the model over a local OpenAI-compatible HTTP API (chat completions, streaming).
+
+    POST /v1/chat/completions takes text, image_url (data: URLs) and input_audio (base64 wav) parts;
+    GET /v1/models and /health. Loopback only unless --api-key is set.
+
+    Example: m3edge serve --port 8080 --static examples/kiosk
+    """
+    from m3edge.runtime.engine import Limits
+    from m3edge.server import ServeOptions, check_options, serve as run
+
+    opt = ServeOptions(host=host, port=port, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
+                       max_active=max_active, max_queued=max_queued, static_dir=static)
+    check_options(opt)  # before loading anything
+    model = prepare_model(model, backend)
+    from m3edge.runtime.engine import Engine
+
+    engine = Engine.load(model, backend=backend, max_context=max_context, overflow="error",
+                         limits=Limits(max_image_pixels=max_image_pixels, max_audio_seconds=max_audio_seconds))
+
+    def ready(app) -> None:
+        where = f"http://{host}:{app.port}"
+        console.print(f"serving [bold]{model.name}[/] ({engine.backend.name}) on {where}/v1"
+                      + (f", page at {where}/" if static else "") + "; Ctrl-C stops", highlight=False)
+        sys.stdout.flush()
+
+    try:
+        run(engine, opt, model.name, ready)
+    except OSError as e:
+        raise M3Error(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+@app.command()
 def devices():
     """List audio inputs and cameras (with indices and sample rates), and which backends can run.
 

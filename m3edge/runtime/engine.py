@@ -8,11 +8,21 @@
 Messages follow the OpenAI/HF shape: {"role", "content"} where content is a string or a list of
 parts {"type": "text", "text"}, {"type": "image", "image": path | array | PIL.Image},
 {"type": "audio", "audio": path | array, "sampling_rate": int}.
+
+Concurrency model: load the engine once and open any number of sessions, from any threads. The
+backend runs one forward pass at a time (the engine's lock, held per prefill chunk and per decoded
+token, never across a yield), so concurrent generations interleave token by token and each stays
+as fast as 1/n of the engine; prompt assembly and media decoding run outside the lock. A session
+is one conversation: using the same session from two threads at once raises. `cancel` (a
+threading.Event) stops a generation at the next token with finish_reason "cancelled"; `Limits`
+bounds what one request may ask (context, image pixels, audio seconds); `close()` (or leaving a
+`with` block) frees the backend, and later calls raise.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +44,30 @@ class ContextOverflowError(M3Error):
     """The prompt plus the tokens to generate do not fit the context window."""
 
 
+class LimitError(M3Error):
+    """A request asks for more than the engine's limits allow (image pixels, audio seconds)."""
+
+
+@dataclass
+class Limits:
+    """Per-request bounds for an embedded engine (None: no bound). The context bound is max_context."""
+
+    max_image_pixels: int | None = 4096 * 4096
+    max_audio_seconds: float | None = 120.0
+
+
+@dataclass
+class Reply:
+    """A finished generation, as the callback-style calls return it."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    tokens_per_s: float
+    ttft_s: float
+
+
 @dataclass
 class GenerationChunk:
     text: str  # text added since the previous chunk
@@ -42,7 +76,7 @@ class GenerationChunk:
     prompt_tokens: int
     tokens_per_s: float  # decode rate so far (prefill excluded)
     ttft_s: float  # time to first token (prompt processing + first sample)
-    finish_reason: str | None = None  # "eos" | "stop" | "length" on the last chunk
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled" on the last chunk
     notice: str | None = None  # e.g. turns dropped to fit the context
 
 
@@ -56,7 +90,7 @@ class _CacheState:
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, model_dir: Path, max_context: int | None = None,
-                 overflow: str = "drop_oldest"):
+                 overflow: str = "drop_oldest", limits: Limits | None = None):
         if overflow not in OVERFLOW_POLICIES:
             raise M3Error(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}, got '{overflow}'")
         self.backend, self.tokenizer, self.model_dir = backend, tokenizer, Path(model_dir)
@@ -66,10 +100,36 @@ class Engine:
         self.eos_ids = set(self.cfg.eos_token_id)
         if tokenizer.eos_token and tokenizer.token_id(tokenizer.eos_token) is not None:
             self.eos_ids.add(tokenizer.token_id(tokenizer.eos_token))
+        self.limits = limits or Limits()
+        self._lock = threading.Lock()  # one backend call at a time (module doc: concurrency model)
+        self._closed = False
+
+    def _call(self, fn: str | Callable, *args):
+        """A backend call (a method name) or a cache call under the engine's lock."""
+        with self._lock:
+            if self._closed:
+                raise M3Error("this engine was closed")
+            return (getattr(self.backend, fn) if isinstance(fn, str) else fn)(*args)
+
+    def new_cache(self):
+        return self._call("new_cache")
+
+    def close(self) -> None:
+        """Free the backend (waits for the forward pass in flight); later calls raise."""
+        with self._lock:
+            self._closed = True
+            self.backend = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str = "auto", max_context: int | None = None,
-             overflow: str = "drop_oldest", progress: Callable[[str, int, int], None] | None = None) -> "Engine":
+             overflow: str = "drop_oldest", progress: Callable[[str, int, int], None] | None = None,
+             limits: Limits | None = None) -> "Engine":
         """Load a checkpoint directory (None: the embedded default, imported on first use)."""
         from m3edge.model.checkpoint import read_config
         from m3edge.model.importers import ensure_default_model
@@ -79,18 +139,23 @@ class Engine:
             raise M3Error(f"'{model_dir}' is a GGUF file; run `m3edge import {model_dir} --out DIR` and use DIR")
         read_config(model_dir)  # one clear error for a path that is not a checkpoint
         be = make_backend(backend, model_dir)
-        return cls(be, Tokenizer.from_dir(model_dir), model_dir, max_context, overflow)
+        return cls(be, Tokenizer.from_dir(model_dir), model_dir, max_context, overflow, limits)
 
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, system)
 
     def generate(self, messages: str | list[dict[str, Any]], params: SamplingParams | None = None,
-                 **kw) -> Iterator[GenerationChunk]:
+                 cancel: threading.Event | None = None, **kw) -> Iterator[GenerationChunk]:
         """One-shot generation (no history kept). A string is one user message."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        state = _CacheState(self.backend.new_cache(), [])
-        return self._run(list(messages), params or SamplingParams(**kw), state)
+        state = _CacheState(self.new_cache(), [])
+        return self._run(list(messages), params or SamplingParams(**kw), state, cancel=cancel)
+
+    def complete(self, messages: str | list[dict[str, Any]], on_chunk: Callable[[GenerationChunk], None] | None = None,
+                 cancel: threading.Event | None = None, params: SamplingParams | None = None, **kw) -> Reply:
+        """`generate` run to the end, each chunk handed to `on_chunk` as it comes (the callback style)."""
+        return _drain(self.generate(messages, params, cancel, **kw), on_chunk)
 
     # -- prompt
     def _media(self, part: dict[str, Any]):
@@ -101,12 +166,21 @@ class Engine:
             if part["type"] == "image":
                 if self.cfg.vision_config is None:
                     raise MediaError("this model has no vision input, so it cannot take an image")
-                patches, grid = image_patches(load_image(part["image"]))
+                pixels = load_image(part["image"])  # [H, W, 3]
+                cap = self.limits.max_image_pixels
+                if cap is not None and pixels.shape[0] * pixels.shape[1] > cap:
+                    raise LimitError(f"the image has {pixels.shape[1]}x{pixels.shape[0]} pixels, more than the "
+                                     f"limit of {cap}")
+                patches, grid = image_patches(pixels)
                 part["_features"] = Image(patches, grid)
             else:
                 if self.cfg.audio_config is None:
                     raise MediaError("this model has no audio input, so it cannot take audio")
-                part["_features"] = audio_tokens(load_audio(part["audio"], part.get("sampling_rate")))
+                wave = load_audio(part["audio"], part.get("sampling_rate"))  # [n] at 16 kHz
+                cap = self.limits.max_audio_seconds
+                if cap is not None and len(wave) > cap * 16000:
+                    raise LimitError(f"the audio lasts {len(wave) / 16000:.1f} s, more than the limit of {cap:g} s")
+                part["_features"] = audio_tokens(wave)
             part["_uid"] = next(_media_ids)
         return part["_features"], part["_uid"]
 
@@ -175,7 +249,8 @@ class Engine:
 
     # -- generation
     def _run(self, messages, params: SamplingParams, state: _CacheState,
-             on_fit: Callable[[list], None] | None = None) -> Iterator[GenerationChunk]:
+             on_fit: Callable[[list], None] | None = None,
+             cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
         params.validate()
         prompt, keys, kept, notice = self.fit(messages, params.max_tokens)
         if on_fit:
@@ -205,6 +280,8 @@ class Engine:
                 full, finish = full[:cut], "stop"
             elif finish is None and (len(out) >= params.max_tokens or len(keys) + 1 >= self.max_context):
                 finish = "length"
+            elif finish is None and cancel is not None and cancel.is_set():
+                finish = "cancelled"
             safe = full if finish else _hold_back(full, params.stop)
             if not finish and safe.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its bytes
                 safe = safe.rstrip("\ufffd")
@@ -214,8 +291,8 @@ class Engine:
                 sent, pending, notice = safe, [], None
             if finish:
                 return
-            logits = self.backend.forward(torch.tensor([[tok]]), self._decode_pos(state, keys), None, None,
-                                          state.cache)
+            logits = self._call("forward", torch.tensor([[tok]]), self._decode_pos(state, keys), None,
+                                None, state.cache)
             keys.append(tok)
             state.keys = list(keys)
 
@@ -228,18 +305,18 @@ class Engine:
         common = min(common, len(keys) - 1)  # at least one new token to get logits from
         if common < len(state.keys):
             if common == 0:
-                state.cache = self.backend.new_cache()
+                state.cache = self.new_cache()
             else:
                 seen = any(not isinstance(k, int) for k in keys[:common])
-                state.cache.truncate(common, torch.tensor([seen]))
+                self._call(state.cache.truncate, common, torch.tensor([seen]))
         ids = prompt.input_ids[common:]
         n_img = int((prompt.input_ids[:common] == self.cfg.image_token_id).sum()) if prompt.image_patches is not None else 0
         n_aud = int((prompt.input_ids[:common] == self.cfg.audio_token_id).sum()) if prompt.audio_features is not None else 0
         img = prompt.image_patches[n_img:] if prompt.image_patches is not None else None
         aud = prompt.audio_features[n_aud:] if prompt.audio_features is not None else None
-        logits = self.backend.forward(ids[None], prompt.position_ids[:, None, common:],
-                                      img if img is not None and len(img) else None,
-                                      aud if aud is not None and len(aud) else None, state.cache)
+        logits = self._call("forward", ids[None], prompt.position_ids[:, None, common:],
+                            img if img is not None and len(img) else None,
+                            aud if aud is not None and len(aud) else None, state.cache)
         state.keys = list(keys)
         return logits
 
@@ -248,6 +325,16 @@ class Engine:
         delta = state.cache.rope_delta
         p = len(keys) + (int(delta[0]) if delta is not None else 0)
         return torch.full((3, 1, 1), p, dtype=torch.long)
+
+
+def _drain(chunks: Iterator[GenerationChunk], on_chunk: Callable[[GenerationChunk], None] | None) -> Reply:
+    text, last = [], None
+    for last in chunks:
+        text.append(last.text)
+        if on_chunk:
+            on_chunk(last)
+    return Reply("".join(text), last.finish_reason, last.prompt_tokens, last.generated_tokens, last.tokens_per_s,
+                 last.ttft_s)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
@@ -272,23 +359,33 @@ class ChatSession:
     def __init__(self, engine: Engine, system: str | None = None):
         self.engine = engine
         self.system = system
+        self._busy = threading.Lock()  # held while a turn generates
         self.reset()
 
     def reset(self) -> None:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
-        self._state = _CacheState(self.engine.backend.new_cache(), [])
+        self._state = _CacheState(self.engine.new_cache(), [])
 
     def send(self, content: str | list[dict[str, Any]], params: SamplingParams | None = None,
-             **kw) -> Iterator[GenerationChunk]:
+             cancel: threading.Event | None = None, **kw) -> Iterator[GenerationChunk]:
         """Add a user turn and stream the reply; the reply (or what was streamed of it) joins the history."""
+        if not self._busy.acquire(blocking=False):
+            raise M3Error("this chat session is already generating (one turn at a time per session)")
         msgs = self.messages + [{"role": "user", "content": content}]
         kept: list = []
         text = []
         try:
-            for chunk in self.engine._run(msgs, params or SamplingParams(**kw), self._state, on_fit=kept.extend):
+            for chunk in self.engine._run(msgs, params or SamplingParams(**kw), self._state, on_fit=kept.extend,
+                                          cancel=cancel):
                 text.append(chunk.text)
                 yield chunk
         finally:  # also when the caller stops early (barge-in): the partial reply stays in the history
             if kept:
                 self.messages = kept + [{"role": "assistant", "content": "".join(text)}]
+            self._busy.release()
+
+    def reply(self, content: str | list[dict[str, Any]], on_chunk: Callable[[GenerationChunk], None] | None = None,
+              cancel: threading.Event | None = None, params: SamplingParams | None = None, **kw) -> Reply:
+        """`send` run to the end, each chunk handed to `on_chunk` as it comes (the callback style)."""
+        return _drain(self.send(content, params, cancel, **kw), on_chunk)
 
