@@ -11,7 +11,7 @@ Requests run on their own threads; at most `max_active` generate at once (they i
 token on the engine, see engine.py), up to `max_queued` more wait for a slot, and beyond that the
 answer is 503 at once. Errors are JSON in OpenAI's shape {"error": {"message", "type", "code"}}
 with 400 (bad request), 401 (missing or wrong key), 404, 413 (body, image, audio or prompt over a
-limit), 503 (queue full). Loopback by default; any other address needs an API key. A client that
+limit), 503 (queue full), 500 (a bug: its traceback goes to the server's stderr). Loopback by default; any other address needs an API key. A client that
 goes away mid-stream cancels its generation.
 """
 
@@ -301,8 +301,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.app.admit()
         except ApiError as e:
             return self._error(e)
+        self._answering = False
         try:
             self._complete(body, messages, params)
+        except Exception:  # a bug, not the client's: logged with its traceback, answered 500 if still possible
+            import traceback
+
+            traceback.print_exc()
+            if not self._answering:
+                self._error(ApiError(500, "internal error (see the server's log)", "internal_error", "server_error"))
+            self.close_connection = True
         finally:
             self.app.release()
 
@@ -327,9 +335,11 @@ class _Handler(BaseHTTPRequestHandler):
             text, last = [first.text], first
             for last in chunks:
                 text.append(last.text)
+            self._answering = True  # from here on, a failure cannot change the status line
             return self._send(200, {**base, "object": "chat.completion", "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": "".join(text)},
                 "finish_reason": FINISH[last.finish_reason]}], "usage": _usage(last)})
+        self._answering = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

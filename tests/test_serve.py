@@ -337,3 +337,19 @@ def test_close_frees_the_engine(tiny_dir):
     with pytest.raises(M3Error, match="closed"):
         chat.reply("hi", max_tokens=2)
     assert e.backend is None
+
+
+def test_media_placeholders_are_never_sampled(engine, monkeypatch):
+    """A placeholder token needs feature rows; one the model samples has none (found by bench/soak.py:
+    the decode step then failed). Here the audio placeholder always has the largest logit."""
+    forward, aud = engine.backend.forward, engine.cfg.audio_token_id
+
+    def favour_placeholder(*a):
+        logits = forward(*a).clone()
+        logits[..., aud] = logits.max() + 10
+        return logits
+
+    monkeypatch.setattr(engine.backend, "forward", favour_placeholder)
+    chunks = list(engine.generate("hi", max_tokens=8, temperature=0))
+    ids = [t for c in chunks for t in c.token_ids]
+    assert len(ids) == 8 and aud not in ids and engine.cfg.image_token_id not in ids

@@ -101,6 +101,9 @@ class Engine:
         if tokenizer.eos_token and tokenizer.token_id(tokenizer.eos_token) is not None:
             self.eos_ids.add(tokenizer.token_id(tokenizer.eos_token))
         self.limits = limits or Limits()
+        # media placeholders are never generated: a placeholder needs feature rows that a sampled one lacks
+        self._placeholders = torch.tensor([t for t in (self.cfg.image_token_id, self.cfg.audio_token_id)
+                                           if t is not None], dtype=torch.long)
         self._lock = threading.Lock()  # one backend call at a time (module doc: concurrency model)
         self._closed = False
 
@@ -264,6 +267,8 @@ class Engine:
         sent = ""  # text already streamed
         ttft = t_first = None
         while True:
+            if len(self._placeholders):
+                logits = logits.index_fill(-1, self._placeholders, float("-inf"))
             tok = sample(logits, params, history + out, gen)
             if ttft is None:
                 t_first = time.perf_counter()
