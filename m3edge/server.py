@@ -253,11 +253,13 @@ class _Handler(BaseHTTPRequestHandler):
                            "authentication_error")
 
     def _body(self) -> dict:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > self.app.opt.max_body_bytes:
-            self.close_connection = True  # the body is not read
-            raise ApiError(413, f"the request body has {n} bytes, over the limit of {self.app.opt.max_body_bytes}",
-                           "request_too_large")
+        n, cap = int(self.headers.get("Content-Length") or 0), self.app.opt.max_body_bytes
+        if n > cap:
+            left = n if n <= 8 * cap else 0  # read and drop it, so that the client gets to read our answer
+            while left > 0 and (chunk := self.rfile.read(min(2**16, left))):
+                left -= len(chunk)
+            self.close_connection = n > 8 * cap  # an absurd size: answer and hang up
+            raise ApiError(413, f"the request body has {n} bytes, over the limit of {cap}", "request_too_large")
         try:
             body = json.loads(self.rfile.read(n) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -226,6 +226,12 @@ def test_api_key_and_off_loopback(engine):
         app.shutdown()
     with pytest.raises(M3Error, match="serving on 0.0.0.0 .* needs an API key"):
         Server(engine, ServeOptions(host="0.0.0.0", port=0), "tiny")
+    app = _start(engine, host="0.0.0.0", api_key="sekret")  # off loopback, with a key: requests need it
+    try:
+        status, err = _post(app, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 401 and err["error"]["type"] == "authentication_error"
+    finally:
+        app.shutdown()
     r = subprocess.run([BIN, "serve", "--host", "0.0.0.0"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "needs an API key" in r.stderr
 
