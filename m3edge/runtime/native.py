@@ -1,0 +1,237 @@
+"""The native CUDA int4 kernels (native/cuda, bound by native/binder.cpp): build, repack, call.
+
+`load()` JIT-builds the extension with ninja into a cache folder (one build per source hash, torch
+and GPU arch); where it cannot build (no CUDA torch, no nvcc, no GPU) it raises one `NativeUnavailable`
+sentence and the runtime falls back to ONNX Runtime.
+
+The canonical checkpoint layout (compressed-tensors pack-quantized, m3edge/model/packing.py) is
+repacked once at load into the kernels' layout (`repack`, torch, on any device):
+
+    w      int32 [N/16, K/64, 32, 4]: block (s, kb) = rows 16s..16s+15, inputs 64kb..64kb+63; lane
+           l = 4g + t holds word j (the k16 step 16j..16j+15 of the block) whose nibbles are the
+           mma.m16n8k16 A fragment of that lane (PTX ISA "Matrix fragments for mma.m16n8k16"), with
+           r = 16s + g, c = 64kb + 16j + 2t, u = q + 8:
+               nibble 0 = u[r, c]      nibble 4 = u[r, c+1]       (a0: row g,   k 2t, 2t+1)
+               nibble 1 = u[r+8, c]    nibble 5 = u[r+8, c+1]     (a1: row g+8)
+               nibble 2 = u[r, c+8]    nibble 6 = u[r, c+9]       (a2: row g,   k 2t+8, 2t+9)
+               nibble 3 = u[r+8, c+8]  nibble 7 = u[r+8, c+9]     (a3: row g+8, k 2t+8, 2t+9)
+           so one lop3 on word >> 4i gives the fp16/bf16 pair of fragment register i.
+    scales fp16/bf16 [N/16, G, 16] = scale[16s + i, grp] at [s, grp, i] (fp32 scales are stored
+           as bf16 or fp16 when exact in one of them)
+    mins   like scales (float-minimum form); zeros uint8 [N/16, G, 16] = zero point + 8.
+
+`repack_numpy` is the bit-exact reference of the weight layout, written from the table above one
+word at a time (tested against `repack` on the CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m3edge.errors import M3Error
+from m3edge.model.packing import _unpack_rows
+from m3edge.model.scheme import Scheme
+
+ROOT = Path(__file__).resolve().parents[2] / "native"
+SOURCES = ["binder.cpp", "cuda/w4a16.cu", "cuda/w4a16_f16.cu", "cuda/w4a16_bf16.cu"]
+HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh"]
+# No -std: torch picks the standard its headers need (a different one than torch was built with broke
+# the ABI of c10's exceptions: the first error raised through the binder segfaulted, torch 2.11).
+CUDA_FLAGS = ["-O3", "-lineinfo"]
+
+
+class NativeUnavailable(M3Error):
+    """The CUDA extension cannot be built or loaded here."""
+
+
+_ext = None
+
+
+def _cache_dir(tag: str) -> Path:
+    h = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        h.update((ROOT / f).read_bytes())
+    h.update(f"{torch.__version__} {torch.version.cuda} {tag}".encode())
+    base = Path(os.environ.get("M3EDGE_HOME") or Path.home() / ".cache" / "m3edge")  # as the model cache
+    d = base / "native" / h.hexdigest()[:16]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load(verbose: bool = False):
+    """The built extension (`w4a16_gemm`, `w4a16_plan`), JIT-compiled once per source hash."""
+    global _ext
+    if _ext is not None:
+        return _ext
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise NativeUnavailable(f"the CUDA kernels need a CUDA build of torch, and this torch {torch.__version__} "
+                                "is CPU-only")
+    if not torch.cuda.is_available():
+        raise NativeUnavailable("the CUDA kernels need a CUDA GPU, and torch sees none")
+    if cpp_extension.CUDA_HOME is None or shutil.which("ninja") is None:
+        raise NativeUnavailable("the CUDA kernels cannot be built: nvcc (CUDA_HOME) or ninja is missing")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise NativeUnavailable(f"the CUDA kernels need sm_80 or newer (mma.sync bf16, cp.async), this GPU is "
+                                f"sm_{major}{minor}")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    try:
+        _ext = cpp_extension.load(
+            name="m3edge_native", sources=[str(ROOT / s) for s in SOURCES],
+            extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS,
+            extra_include_paths=[str(ROOT)], build_directory=str(_cache_dir(f"sm_{major}{minor}")),
+            verbose=verbose)
+    except Exception as e:  # a compiler error: say it in one sentence, keep the log in the chain
+        raise NativeUnavailable(f"the CUDA kernels failed to build ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})") from e
+    return _ext
+
+
+def load_checks_only(verbose: bool = False):
+    """The binder built without CUDA (-DM3E_NO_CUDA): its tensor checks, on CPU tensors (tests)."""
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        raise NativeUnavailable("building the binder needs ninja")
+    return cpp_extension.load(
+        name="m3edge_native_checks", sources=[str(ROOT / "binder.cpp")], extra_cflags=["-O0", "-DM3E_NO_CUDA"],
+        extra_include_paths=[str(ROOT)], build_directory=str(_cache_dir("checks")), verbose=verbose)
+
+
+# ---------------------------------------------------------------------------------------------- repack
+
+
+@dataclass
+class W4Weights:
+    """One linear in the kernels' layout (see the module doc)."""
+
+    w: torch.Tensor  # int32 [N/16, K/64, 32, 4]
+    scales: torch.Tensor  # fp16 / bf16 [N/16, G, 16]
+    mins: torch.Tensor | None  # like scales
+    zeros: torch.Tensor | None  # uint8 [N/16, G, 16]
+    n: int
+    k: int
+    group: int  # 32 / 64 / 128, or -1 per channel
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scales, self.mins, self.zeros) if t is not None)
+
+
+def _check_nk(n: int, k: int) -> None:
+    if n % 64 or k % 64 or n <= 0 or k <= 0:
+        raise M3Error(f"the int4 kernels need out and in features that are multiples of 64, got weight "
+                      f"[{n}, {k}]")
+
+
+def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [N, K/8] -> u [N, K] int32 in [0, 16)."""
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * 4
+    return ((packed.unsqueeze(-1) >> shifts) & 15).reshape(packed.shape[0], -1)[:, :k]
+
+
+def repack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Canonical weight_packed int32 [N, K/8] -> int32 [N/16, K/64, 32, 4] (module doc)."""
+    _check_nk(n, k)
+    if packed.dtype != torch.int32 or tuple(packed.shape) != (n, k // 8):
+        raise M3Error(f"weight_packed must be int32 [{n}, {k // 8}] for a [{n}, {k}] int4 weight, got "
+                      f"{packed.dtype} {tuple(packed.shape)}")
+    u = _nibbles(packed, k).to(torch.int64)  # [N, K]
+    # row = 16s + 8rh + g; col = 64kb + 16j + 8kh + 2t + kp
+    u = u.reshape(n // 16, 2, 8, k // 64, 4, 2, 4, 2)  # s, rh, g, kb, j, kh, t, kp
+    u = u.permute(0, 3, 2, 6, 4, 7, 5, 1)  # s, kb, g, t, j, kp, kh, rh: nibble = 4kp + 2kh + rh
+    u = u.reshape(n // 16, k // 64, 32, 4, 8)
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * 4
+    word = (u << shifts).sum(-1)  # [N/16, K/64, 32, 4] in [0, 2^32)
+    word = torch.where(word >= 1 << 31, word - (1 << 32), word)
+    return word.to(torch.int32).contiguous()
+
+
+def repack_numpy(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Bit-exact reference of `repack_weight`, from the module doc's table, one word at a time."""
+    p = packed.view(np.uint32)
+    u = np.zeros((n, k), dtype=np.uint32)
+    for i in range(8):  # canonical: element 8j + i in bits [4i, 4i + 4) of word j
+        u[:, i::8] = (p >> np.uint32(4 * i)) & np.uint32(15)
+    out = np.zeros((n // 16, k // 64, 32, 4), dtype=np.uint32)
+    for s in range(n // 16):
+        for kb in range(k // 64):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for j in range(4):
+                    r, c = 16 * s + g, 64 * kb + 16 * j + 2 * t
+                    nib = [u[r, c], u[r + 8, c], u[r, c + 8], u[r + 8, c + 8],
+                           u[r, c + 1], u[r + 8, c + 1], u[r, c + 9], u[r + 8, c + 9]]
+                    out[s, kb, lane, j] = sum(int(v) << (4 * i) for i, v in enumerate(nib))
+    return out.view(np.int32)
+
+
+def _by_slab(t: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [N/16, G, 16]."""
+    n, g = t.shape
+    return t.reshape(n // 16, 16, g).transpose(1, 2).contiguous()
+
+
+def _half_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """The 16-bit float type that holds every value of ts exactly (bf16 preferred for bf16 inputs)."""
+    dts = {t.dtype for t in ts}
+    for dt in ((torch.bfloat16, torch.float16) if torch.float16 not in dts else (torch.float16, torch.bfloat16)):
+        if all(torch.equal(t.to(dt).to(t.dtype), t) for t in ts):
+            return dt
+    raise M3Error("the int4 kernels take fp16 or bf16 scales; these fp32 scales (or minimums) are exact in neither")
+
+
+def repack(tensors: dict[str, torch.Tensor], scheme: Scheme) -> W4Weights:
+    """One pack-quantized linear (packing.pack_linear's tensors) -> the kernels' layout, on the
+    tensors' device."""
+    if scheme.bits != 4:
+        raise M3Error(f"the CUDA kernels run int4 weights only so far, this linear is int{scheme.bits}")
+    n, k = (int(v) for v in tensors["weight_shape"].tolist())
+    _check_nk(n, k)
+    if scheme.group != -1 and k % scheme.group:
+        raise M3Error(f"the int4 kernels need the group ({scheme.group}) to divide the {k} inputs")
+    G = scheme.n_groups(k)
+    scale = tensors["weight_scale"]
+    if tuple(scale.shape) != (n, G):
+        raise M3Error(f"weight_scale must be [{n}, {G}], got {tuple(scale.shape)}")
+    mins = zeros = None
+    if scheme.float_min:
+        mn = tensors["weight_min"]
+        dt = _half_dtype(scale, mn)
+        mins = _by_slab(mn.to(dt))
+    else:
+        dt = _half_dtype(scale)
+        if not scheme.symmetric:
+            z = _unpack_rows(tensors["weight_zero_point"], 4, n).to(torch.int32)  # [N, G] in [-8, 7]
+            zeros = _by_slab((z + 8).to(torch.uint8))
+    return W4Weights(repack_weight(tensors["weight_packed"], n, k), _by_slab(scale.to(dt)), mins, zeros, n, k,
+                     scheme.group)
+
+
+# ---------------------------------------------------------------------------------------------- call
+
+
+def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, splits: int = 0) -> torch.Tensor:
+    """x [..., K] fp16/bf16 -> [..., N] = x @ W^T (fp32 accumulation, group scales applied in fp32).
+    `out` may be given ([M, N], x's dtype or float32 for the unrounded result)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        out = torch.empty(x2.shape[0], wt.n, dtype=x.dtype, device=x.device)
+    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits))
+    return out.reshape(*lead, wt.n)
+
+
+def raise_for(msg: str) -> None:
+    """The binder's returned error ("value: ..." / "cuda: ...", "" = none) as ValueError / RuntimeError."""
+    if msg:
+        kind, _, text = msg.partition(": ")
+        raise (ValueError if kind == "value" else RuntimeError)(text)

@@ -1,0 +1,189 @@
+// The one thin torch binder over native/cuda (STYLE.md 3): checks every tensor (dtype, shape,
+// contiguity, device, alignment), sizes the split-K workspace, and turns the kernels' error codes
+// into messages that name the shapes.
+//
+// Errors come back as a returned string ("" = success; "value: ..." for a bad argument, "cuda: ..."
+// for a CUDA failure) that m3edge/runtime/native.py raises as ValueError / RuntimeError. Not a C++
+// exception, and no iostream: on the GPU machine (torch 2.11+cu130, its g++) formatting a number
+// through std::ostream inside this extension segfaulted (cuda-gdb: basic_ostream::_M_insert<long>
+// from desc(), reached by TORCH_CHECK / c10::str too); the same code ran on torch 2.13 here. So the
+// messages are built with std::to_string, and returned rather than thrown.
+//
+// Built with -DM3E_NO_CUDA (no .cu, no CUDA headers) it keeps every check, so the tests can exercise
+// them on a machine with no GPU; a call that passes them then says the build has no CUDA.
+#include <torch/extension.h>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifndef M3E_NO_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "cuda/m3e_api.cuh"
+
+namespace {
+
+void app(std::string& s, const char* v) { s += v; }
+void app(std::string& s, const std::string& v) { s += v; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void app(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  (app(s, a), ...);
+  return s;
+}
+
+// "[3, 256] Half": shape and dtype, as torch prints them
+std::string desc(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "] " + c10::toString(t.scalar_type());
+}
+
+bool is_half(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+#define CHECK_ARG(cond, ...) \
+  if (!(cond)) return cat("value: w4a16_gemm: ", __VA_ARGS__)
+
+std::string check_shape3(const at::Tensor& t, const char* name, int64_t a, int64_t b, int64_t c) {
+  CHECK_ARG(t.dim() == 3 && t.size(0) == a && t.size(1) == b && t.size(2) == c, name, " must be [", a, ", ", b,
+            ", ", c, "] (the repacked layout [N/16, G, 16]), got ", desc(t));
+  return "";
+}
+
+#ifndef M3E_NO_CUDA
+struct Workspace {
+  at::Tensor ws, cnt;
+};
+std::vector<Workspace> g_ws;  // one per device; the kernels of one stream use it in turn
+
+void ensure_workspace(int dev, size_t floats, int counters, const at::TensorOptions& opt) {
+  if ((int)g_ws.size() <= dev) g_ws.resize(dev + 1);
+  Workspace& w = g_ws[dev];
+  if (!w.ws.defined() || (size_t)w.ws.numel() < floats)
+    w.ws = at::empty({(int64_t)std::max<size_t>(floats, 1 << 16)}, opt.dtype(at::kFloat));
+  if (!w.cnt.defined() || w.cnt.numel() < counters)
+    w.cnt = at::zeros({std::max<int64_t>(counters, 1024)}, opt.dtype(at::kInt));  // the kernel leaves them 0
+}
+#endif
+
+}  // namespace
+
+// out[M, N] = x[M, K] @ W^T. w int32 [N/16, K/64, 32, 4]; scales fp16/bf16 [N/16, G, 16]; mins
+// (float-minimum form) like scales; zeros uint8 [N/16, G, 16] (zero point + 8); group 32/64/128 or -1.
+// splits 0 = the plan's choice.
+std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& zeros, at::Tensor& out,
+                int64_t group, int64_t splits) {
+  CHECK_ARG(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [M, K], got ", desc(x));
+  const int64_t M = x.size(0), K = x.size(1);
+  CHECK_ARG(M >= 1, "x [M, K] needs M >= 1, got ", desc(x));
+  CHECK_ARG(K % 64 == 0 && K > 0, "K must be a multiple of 64 (pad the weights), got x ", desc(x));
+  CHECK_ARG(w.dim() == 4 && w.scalar_type() == at::kInt && w.size(2) == 32 && w.size(3) == 4,
+            "w must be the repacked int32 [N/16, K/64, 32, 4] (m3edge.runtime.native.repack), got ", desc(w));
+  const int64_t N = w.size(0) * 16;
+  CHECK_ARG(w.size(1) * 64 == K, "w ", desc(w), " was repacked for K = ", w.size(1) * 64, " but x ", desc(x),
+            " has K = ", K);
+  CHECK_ARG(N % 64 == 0 && N > 0, "N must be a multiple of 64, got N = ", N, " (w ", desc(w), ")");
+  CHECK_ARG(group == 32 || group == 64 || group == 128 || group == -1,
+            "group must be 32, 64, 128 or -1 (per channel), got ", group);
+  CHECK_ARG(group == -1 || K % group == 0, "group ", group, " does not divide K = ", K, " (x ", desc(x), ")");
+  const int64_t G = group == -1 ? 1 : K / group;
+  CHECK_ARG(is_half(scales), "scales must be float16 or bfloat16 (repack converts float32), got ", desc(scales));
+  if (auto e = check_shape3(scales, "scales", N / 16, G, 16); !e.empty()) return e;
+  if (mins) {
+    CHECK_ARG(mins->scalar_type() == scales.scalar_type(), "mins ", desc(*mins), " must have the scales' dtype ",
+              c10::toString(scales.scalar_type()));
+    if (auto e = check_shape3(*mins, "mins", N / 16, G, 16); !e.empty()) return e;
+    CHECK_ARG(!zeros, "a weight has either a float minimum or a zero point, not both");
+  }
+  if (zeros) {
+    CHECK_ARG(zeros->scalar_type() == at::kByte, "zeros must be uint8 (zero point + 8), got ", desc(*zeros));
+    if (auto e = check_shape3(*zeros, "zeros", N / 16, G, 16); !e.empty()) return e;
+  }
+  CHECK_ARG((out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat) && out.dim() == 2 &&
+                out.size(0) == M && out.size(1) == N,
+            "out must be [", M, ", ", N, "] ", c10::toString(x.scalar_type()), " or Float, got ", desc(out));
+  CHECK_ARG(splits >= 0, "splits must be >= 0 (0 = automatic), got ", splits);
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"scales", &scales}, {"out", &out}};
+  if (mins) all.push_back({"mins", &*mins});
+  if (zeros) all.push_back({"zeros", &*zeros});
+  for (auto& [name, t] : all) CHECK_ARG(t->is_contiguous(), name, " ", desc(*t), " must be contiguous");
+  for (auto& [name, t] : all)
+    CHECK_ARG(t->is_cuda() && t->device() == x.device(), name, " ", desc(*t), " is on ", t->device().str(),
+              "; every tensor must be on the same CUDA device as x (", x.device().str(), ")");
+#ifdef M3E_NO_CUDA
+  return "cuda: w4a16_gemm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
+#else
+  for (auto& [name, t] : all)
+    CHECK_ARG((reinterpret_cast<uintptr_t>(t->data_ptr()) & 15) == 0, name, " ", desc(*t),
+              " must start 16-byte aligned (a view at an odd offset is not; pass a copy)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int dev = x.device().index();
+  m3e_w4a16_plan_t plan;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, sms, (int)splits, &plan);
+  if (rc != M3E_OK) return cat("value: w4a16_gemm plan for x ", desc(x), ", w ", desc(w), ": ", m3e_error_string(rc));
+  ensure_workspace(dev, plan.workspace_floats, plan.n_counters, x.options());
+  m3e_w4a16_args a;
+  a.x = x.data_ptr();
+  a.w = reinterpret_cast<const uint32_t*>(w.data_ptr());
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  a.mins = mins ? reinterpret_cast<const uint16_t*>(mins->data_ptr()) : nullptr;
+  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.workspace = plan.splits > 1 ? g_ws[dev].ws.data_ptr<float>() : nullptr;
+  a.counters = plan.splits > 1 ? g_ws[dev].cnt.data_ptr<int>() : nullptr;
+  a.M = (int)M;
+  a.N = (int)N;
+  a.K = (int)K;
+  a.group = group == -1 ? 0 : (int)group;
+  a.G = (int)G;
+  a.act_bf16 = x.scalar_type() == at::kBFloat16;
+  a.scale_bf16 = scales.scalar_type() == at::kBFloat16;
+  a.out_f32 = out.scalar_type() == at::kFloat;
+  a.splits = plan.splits;
+  rc = m3e_w4a16_gemm(&a, at::cuda::getCurrentCUDAStream().stream());
+  if (rc != M3E_OK)
+    return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "w4a16_gemm(x ", desc(x), ", w ", desc(w), ", group ",
+                    group, "): ", m3e_error_string(rc),
+                    rc == M3E_ERR_CUDA ? std::string(" (") + cudaGetErrorString(cudaGetLastError()) + ")" : "");
+  return "";
+#endif
+}
+
+// (m_tile, splits, grid_x, grid_y, workspace_floats) that w4a16_gemm would use: for the benchmark
+// and the tests.
+// An empty list when the shape is refused.
+std::vector<int64_t> w4a16_plan(int64_t M, int64_t N, int64_t K, int64_t splits, int64_t sms) {
+#ifdef M3E_NO_CUDA
+  return {};
+#else
+  m3e_w4a16_plan_t plan;
+  const int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, (int)sms, (int)splits, &plan);
+  if (rc != M3E_OK) return {};
+  return {plan.m_tile, plan.splits, plan.grid_x, plan.grid_y, (int64_t)plan.workspace_floats};
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4a16_gemm", &w4a16_gemm,
+        "out[M, N] = x[M, K] @ W^T, W int4 repacked (native/cuda/w4a16.cuh); returns an error message or ''",
+        py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("mins"), py::arg("zeros"), py::arg("out"),
+        py::arg("group"), py::arg("splits") = 0);
+  m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
+        py::arg("sms") = 132);
+#ifdef M3E_NO_CUDA
+  m.attr("has_cuda") = false;
+#else
+  m.attr("has_cuda") = true;
+#endif
+}

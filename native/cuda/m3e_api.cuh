@@ -1,0 +1,69 @@
+// m3edge native kernels: the C interface the torch binder calls.
+//
+// Torch-free on purpose (STYLE.md 3): raw pointers, a stream passed as void* (cudaStream_t), an int
+// error code back. This header includes no CUDA header either, so the binder's CPU-only build (the
+// shape checks tested on machines without nvcc or a GPU) can include it.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Error codes. The binder checks every tensor before calling, so a code here means either a caller
+// that skipped the binder or a CUDA failure; m3e_error_string names it.
+enum m3e_status {
+  M3E_OK = 0,
+  M3E_ERR_SHAPE = 1,      // M < 1, or K or N not a multiple of 64
+  M3E_ERR_GROUP = 2,      // group not 32/64/128/0 (per channel), or G != K / group
+  M3E_ERR_ALIGN = 3,      // a pointer is not 16-byte aligned (cp.async moves 16 B)
+  M3E_ERR_WORKSPACE = 4,  // split-K needs a workspace and counters that the plan sized
+  M3E_ERR_CUDA = 5,       // a CUDA call or the launch failed (cudaGetLastError)
+  M3E_ERR_ARG = 6,        // a null pointer or a flag out of range
+};
+
+const char* m3e_error_string(int code);
+
+// W4A16 GEMM: out[M, N] = x[M, K] @ W[N, K]^T, W int4 in the repacked layout (m3edge/runtime/native.py):
+//   w      uint32 [N/16][K/64][32][4]   one 16-byte vector per lane per 16x64 block (mma A fragments)
+//   scales uint16 [N/16][G][16]         raw fp16 or bf16 bits (scale_bf16), G = K / group (1 per channel)
+//   mins   uint16 [N/16][G][16] or NULL float minimum form (w = u * s + m), same 16-bit type as scales
+//   zeros  uint8  [N/16][G][16] or NULL zero point plus 8 (w = (q - z) * s with z + 8 in [0, 15])
+// x is fp16 (act_bf16 = 0) or bf16 (act_bf16 = 1), out the same or fp32 (out_f32); row-major.
+typedef struct {
+  const void* x;
+  const uint32_t* w;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  const uint8_t* zeros;
+  void* out;
+  float* workspace;  // split-K partials, m3e_w4a16_plan's workspace_floats (NULL when splits == 1)
+  int* counters;     // split-K arrival counters, plan's n_counters ints, zero before the first call
+  int M, N, K;
+  int group;  // 32, 64, 128, or 0 = per output channel
+  int G;      // groups per row: K / group, or 1
+  int act_bf16, scale_bf16;
+  int out_f32;  // out is fp32 [M, N] (else the activations' type)
+  int splits;  // from m3e_w4a16_plan
+} m3e_w4a16_args;
+
+typedef struct {
+  int m_tile;    // rows of x per CTA (8, 16, 32 or 64)
+  int splits;    // K is cut into this many slices (split-K), reduced by the last CTA of each tile
+  int grid_x, grid_y;
+  size_t workspace_floats;
+  int n_counters;
+} m3e_w4a16_plan_t;
+
+// Pick tile and split-K for a shape on a device with `sms` multiprocessors; splits_req > 0 forces
+// a split count (the benchmark's sweep), clamped so that every slice has work.
+int m3e_w4a16_plan(int M, int N, int K, int sms, int splits_req, m3e_w4a16_plan_t* plan);
+
+// Launch on `stream` (a cudaStream_t). args->splits must be the plan's.
+int m3e_w4a16_gemm(const m3e_w4a16_args* args, void* stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,84 @@
+// PTX helpers shared by the kernels. Everything here exists on sm_80 and later (the consumer
+// targets sm_80/86/89 and the H100's sm_90); nothing Hopper-only.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace m3e {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1 (.cg: weights and activations are streamed, never
+// re-read by this SM from L1). With pred false the source size is 0 and the 16 bytes are zero-filled
+// (PTX ISA, cp.async: "src-size ... remaining bytes are filled with zeros"); `gmem` must still be a
+// valid address, so callers pass the tensor's base then.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred = true) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Two 8x8 b16 matrices; lanes 0-7 give the row addresses of matrix 0, lanes 8-15 of matrix 1. Lane l
+// receives row l/4, columns 2*(l%4) and +1 of each: exactly the B fragment of mma.m16n8k16 when the
+// matrix is stored [n][k] (PTX ISA, "Matrix fragments for mma.m16n8k16", and ldmatrix).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(smem_u32(p))
+               : "memory");
+}
+
+// (a & b) | c in one instruction: lut = (0xf0 & 0xcc) | 0xaa.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// a * 1 + b on two 16-bit floats (fp16 or bf16). Used as an exact subtraction of two small integers
+// (fma.rn.bf16x2 is sm_80; sub.bf16x2 would need sm_90).
+template <bool BF16>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  if constexpr (BF16)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  else
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// c[16x8] += a[16x16] * b[16x8], fp32 accumulators. Not volatile: it is a pure function of its
+// registers, and leaving it movable lets the compiler issue the next ldmatrix before it. Fragments (PTX ISA, mma.m16n8k16, g = lane/4,
+// t = lane%4): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..][g]; c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1].
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (BF16)
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16-bit float bits -> float.
+__device__ __forceinline__ float bits_to_float(uint32_t u, bool bf16) {
+  return bf16 ? __uint_as_float(u << 16) : __half2float(__ushort_as_half(static_cast<unsigned short>(u)));
+}
+
+}  // namespace m3e
