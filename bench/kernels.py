@@ -226,20 +226,18 @@ def main() -> None:
                              "g_ours_us": gq_ours, "g_GBs": g_gbs, "g_pct_copy": 100 * g_gbs / bw, "g_cublas_us": gq_cublas,
                              "g_tinygemm_us": gq_tg, "g_vs_cublas": gq_cublas / gq_ours, "g_vs_tinygemm": gq_tg / gq_ours})
 
-    lines = ["| K x N | M | ours us | GB/s | % copy | cuBLAS fp16 us | tinygemm us | x cuBLAS | x tinygemm | tile/splits |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['M']} | {r['ours_us']:.1f} | {r['GBs']:.0f} | {r['pct_copy']:.0f}% | "
-                     f"{r['cublas_us']:.1f} | {r['tinygemm_us']:.1f} | {r['vs_cublas']:.2f} | "
-                     f"{r['vs_tinygemm']:.2f} | {r['m_tile']}/{r['splits']} |")
-    table = "\n".join(lines)
-    glines = ["| K x N | M | ours us | GB/s | % copy | cuBLAS fp16 us | tinygemm us | x cuBLAS | x tinygemm |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        glines.append(f"| {r['shape']} | {r['M']} | {r['g_ours_us']:.1f} | {r['g_GBs']:.0f} | {r['g_pct_copy']:.0f}% | "
-                      f"{r['g_cublas_us']:.1f} | {r['g_tinygemm_us']:.1f} | {r['g_vs_cublas']:.2f} | "
-                      f"{r['g_vs_tinygemm']:.2f} |")
-    gtable = "\n".join(glines)
+    def markdown(p: str, plan_column: bool) -> str:
+        """One table from the rows' measurements under key prefix p ("" flushed, "g_" graph replay)."""
+        lines = ["| K x N | M | ours us | GB/s | % copy | cuBLAS fp16 us | tinygemm us | x cuBLAS | x tinygemm |"
+                 + (" tile/splits |" if plan_column else ""), "|---" * (10 if plan_column else 9) + "|"]
+        for r in rows:
+            lines.append(f"| {r['shape']} | {r['M']} | {r[p + 'ours_us']:.1f} | {r[p + 'GBs']:.0f} | "
+                         f"{r[p + 'pct_copy']:.0f}% | {r[p + 'cublas_us']:.1f} | {r[p + 'tinygemm_us']:.1f} | "
+                         f"{r[p + 'vs_cublas']:.2f} | {r[p + 'vs_tinygemm']:.2f} |"
+                         + (f" {r['m_tile']}/{r['splits']} |" if plan_column else ""))
+        return "\n".join(lines)
+
+    table, gtable = markdown("", True), markdown("g_", False)
     ghead = ("Steady state (CUDA graph of calls over weight sets > 2x L2, so weights come from DRAM; "
              "launch latency overlapped, as in a graph-captured decode step)")
     head = (f"{props.name}, copy {bw:.0f} GB/s; int4 g128 bf16 (ours, tinygemm) vs fp16 cuBLAS; "

@@ -11,8 +11,9 @@ Requests run on their own threads; at most `max_active` generate at once (they i
 token on the engine, see engine.py), up to `max_queued` more wait for a slot, and beyond that the
 answer is 503 at once. Errors are JSON in OpenAI's shape {"error": {"message", "type", "code"}}
 with 400 (bad request), 401 (missing or wrong key), 404, 413 (body, image, audio or prompt over a
-limit), 503 (queue full), 500 (a bug: its traceback goes to the server's stderr). Loopback by default; any other address needs an API key. A client that
-goes away mid-stream cancels its generation.
+limit), 503 (queue full), 500 (a bug: its traceback goes to the server's stderr). Loopback by
+default; any other address needs an API key. A client that goes away mid-stream cancels its
+generation.
 """
 
 from __future__ import annotations

@@ -57,31 +57,35 @@ def test_lite_synth_with_cut_depth(tmp_path):
 
 
 def test_user_mistakes(tiny_dir, tmp_path):
-    assert_one_sentence(m3edge("generate", tmp_path / "nope", "-p", "hi"), "does not exist")
+    """Each mistake: one sentence, no traceback. The commands run two at a time (each is a fresh
+    process that imports torch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gguf
+    import soundfile as sf
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cases = [(("generate", tmp_path / "nope", "-p", "hi"), "does not exist")]
     (tmp_path / "empty").mkdir()
-    assert_one_sentence(m3edge("info", tmp_path / "empty"), "is not a checkpoint directory")
+    cases.append((("info", tmp_path / "empty"), "is not a checkpoint directory"))
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    assert_one_sentence(m3edge("generate", tiny_dir, "-p", "hi", "--image", bad), "bad.png")
+    cases.append((("generate", tiny_dir, "-p", "hi", "--image", bad), "bad.png"))
     silent = tmp_path / "empty.wav"
-    import soundfile as sf
-
     sf.write(silent, np.zeros(0, np.float32), 16000)
-    assert_one_sentence(m3edge("generate", tiny_dir, "-p", "hi", "--audio", silent), "empty")
+    cases.append((("generate", tiny_dir, "-p", "hi", "--audio", silent), "empty"))
     cfg_dir = tmp_path / "negative"
     shutil.copytree(tiny_dir, cfg_dir)
     cfg = json.loads((cfg_dir / "config.json").read_text())
     cfg["hidden_size"] = -64
     (cfg_dir / "config.json").write_text(json.dumps(cfg))
-    assert_one_sentence(m3edge("info", cfg_dir), "hidden_size must be a positive integer")
+    cases.append((("info", cfg_dir), "hidden_size must be a positive integer"))
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny_dir, trunc)
     data = (trunc / "model.safetensors").read_bytes()
     (trunc / "model.safetensors").write_bytes(data[:5000])
-    assert_one_sentence(m3edge("generate", trunc, "-p", "hi"), "model.safetensors is truncated")
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    cases.append((("generate", trunc, "-p", "hi"), "model.safetensors is truncated"))
     for what, edit, needle in (
         ("missing", lambda t: t.pop("model.norm.weight"), "missing tensor 'model.norm.weight'"),
         ("shape", lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:10]}),
@@ -93,13 +97,11 @@ def test_user_mistakes(tiny_dir, tmp_path):
             t = {k: f.get_tensor(k) for k in f.keys()}
         edit(t)
         save_file(t, str(d / "model.safetensors"))
-        assert_one_sentence(m3edge("generate", d, "-p", "hi"), needle)
+        cases.append((("generate", d, "-p", "hi"), needle))
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_text("hello")
-    assert_one_sentence(m3edge("import", not_gguf, "--out", tmp_path / "o"), "x.gguf")
-    assert_one_sentence(m3edge("generate", tiny_dir, "-p", "hi", "--top-p", "0"), "top_p")
-    import gguf
-
+    cases.append((("import", not_gguf, "--out", tmp_path / "o"), "x.gguf"))
+    cases.append((("generate", tiny_dir, "-p", "hi", "--top-p", "0"), "top_p"))
     other = tmp_path / "qwen.gguf"
     w = gguf.GGUFWriter(str(other), "qwen2")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
@@ -107,7 +109,11 @@ def test_user_mistakes(tiny_dir, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_one_sentence(m3edge("import", other, "--out", tmp_path / "o"), "'qwen2'")
+    cases.append((("import", other, "--out", tmp_path / "o2"), "'qwen2'"))
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda c: m3edge(*c[0]), cases))
+    for (args, needle), r in zip(cases, results):
+        assert_one_sentence(r, needle)
 
 
 def test_image_part_to_text_only_model(tmp_path, novision_dir):

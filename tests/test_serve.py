@@ -114,7 +114,8 @@ def _y4m(path: Path, w: int = 64, h: int = 48, frames: int = 20) -> None:
     with open(path, "wb") as f:
         f.write(f"YUV4MPEG2 W{w} H{h} F10:1 Ip A1:1 C420jpeg\n".encode())
         for i in range(frames):
-            f.write(b"FRAME\n" + np.full(w * h, 40 + 5 * i, np.uint8).tobytes() + np.full(w * h // 2, 128, np.uint8).tobytes())
+            luma, chroma = np.full(w * h, 40 + 5 * i, np.uint8), np.full(w * h // 2, 128, np.uint8)
+            f.write(b"FRAME\n" + luma.tobytes() + chroma.tobytes())
 
 
 def test_kiosk_page_in_headless_chromium(tiny_cli, tmp_path):
