@@ -462,7 +462,7 @@ def import_gguf(src: str | Path, out: str | Path, force: bool = False,
                     w.add(f"{module}.{k}", v)
                 schemes[module] = requant
                 report[new] = {"source": kind, "lossless": False, "stored": _stored(requant),
-                                  "note": f"dequantized, then re-quantized by RTN (max abs change {err:.3g})"}
+                               "note": f"dequantized, then re-quantized by RTN (max abs change {err:.3g})"}
             else:
                 w.add(new, dequantize_tensor(t, cfg_dict, name))
                 report[new] = {"source": kind, "lossless": True, "stored": "float32"}
