@@ -64,11 +64,11 @@ BACKEND = typer.Option("auto", help="auto (ort for a quantized model without a C
 
 
 def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] = None,
-                overflow: str = "drop_oldest"):
+                overflow: str = "drop_oldest", limits=None):
     from m3edge.runtime.engine import Engine
 
     model = prepare_model(model, backend)
-    return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow)
+    return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow, limits=limits)
 
 
 def prepare_model(model: Optional[Path], backend: str) -> Path:
@@ -210,9 +210,7 @@ def _stored_as(cfg, model: Path) -> str:
     schemes = Counter(s for _, s in checkpoint_tensors(cfg)[1].values())
     if not schemes:
         return f"{cfg.torch_dtype}, {disk} on disk"
-    forms = ", ".join(f"{n} x int{s.bits} " + (f"g{s.group}" if s.group > 0 else "per channel")
-                      + (" + float minimum" if s.float_min else " sym" if s.symmetric else " zero points")
-                      for s, n in schemes.most_common())
+    forms = "; ".join(f"{n} x {s.describe()}" for s, n in schemes.most_common())
     return f"{forms}; {disk} on disk"
 
 
@@ -429,20 +427,18 @@ def serve(
     opt = ServeOptions(host=host, port=port, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
                        max_active=max_active, max_queued=max_queued, static_dir=static)
     check_options(opt)  # before loading anything
-    model = prepare_model(model, backend)
-    from m3edge.runtime.engine import Engine
-
-    engine = Engine.load(model, backend=backend, max_context=max_context, overflow="error",
+    engine = load_engine(model, backend, max_context, overflow="error",
                          limits=Limits(max_image_pixels=max_image_pixels, max_audio_seconds=max_audio_seconds))
+    name = engine.model_dir.name
 
     def ready(app) -> None:
         where = f"http://{host}:{app.port}"
-        console.print(f"serving [bold]{model.name}[/] ({engine.backend.name}) on {where}/v1"
+        console.print(f"serving [bold]{name}[/] ({engine.backend.name}) on {where}/v1"
                       + (f", page at {where}/" if static else "") + "; Ctrl-C stops", highlight=False)
         sys.stdout.flush()
 
     try:
-        run(engine, opt, model.name, ready)
+        run(engine, opt, name, ready)
     except OSError as e:
         raise M3Error(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 

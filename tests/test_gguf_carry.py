@@ -153,7 +153,7 @@ def test_info_and_quantize_on_a_carried_checkpoint(smol_carried, tmp_path):
     r = subprocess.run([BIN, "info", str(smol_carried)], capture_output=True, text=True, env={"COLUMNS": "200",
                                                                                              "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
-    assert "210 x int4 g32 + float minimum, 1 x int8 g32 sym" in r.stdout
+    assert "210 x int4 g32, scale + float minimum; 1 x int8 g32, symmetric" in r.stdout
     r = subprocess.run([BIN, "quantize", str(smol_carried), "--out", str(tmp_path / "q")], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "q").exists()

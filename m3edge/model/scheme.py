@@ -37,6 +37,11 @@ class Scheme:
         if self.float_min and (self.symmetric or self.group == -1):
             raise M3Error("a float-minimum scheme is asymmetric and grouped")
 
+    def describe(self) -> str:
+        """e.g. 'int4 g32, scale + float minimum' (import reports, `m3edge info`)."""
+        form = "scale + float minimum" if self.float_min else "symmetric" if self.symmetric else "zero points"
+        return f"int{self.bits} {'per channel' if self.group == -1 else f'g{self.group}'}, {form}"
+
     @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1))

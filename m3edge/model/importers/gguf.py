@@ -455,13 +455,13 @@ def import_gguf(src: str | Path, out: str | Path, force: bool = False,
                 for k, v in carried.rows(_rows(t, cfg_dict)).pack().items():
                     w.add(f"{module}.{k}", v)
                 schemes[module] = carried.scheme
-                report[new] = {"source": kind, "lossless": True, "stored": _stored(carried.scheme)}
+                report[new] = {"source": kind, "lossless": True, "stored": carried.scheme.describe()}
             elif packable and t.tensor_type not in FLOAT_TYPES:
                 packed, err = requantize(dequantize_tensor(t, cfg_dict, name), requant)
                 for k, v in packed.items():
                     w.add(f"{module}.{k}", v)
                 schemes[module] = requant
-                report[new] = {"source": kind, "lossless": False, "stored": _stored(requant),
+                report[new] = {"source": kind, "lossless": False, "stored": requant.describe(),
                                "note": f"dequantized, then re-quantized by RTN (max abs change {err:.3g})"}
             else:
                 w.add(new, dequantize_tensor(t, cfg_dict, name))
@@ -479,11 +479,6 @@ def import_gguf(src: str | Path, out: str | Path, force: bool = False,
         out_dir = w.finish(cfg_dict, side, manifest=manifest)
     validate(M3Config.from_dict(cfg_dict), TensorFiles(out_dir))
     return out_dir
-
-
-def _stored(s: Scheme) -> str:
-    form = "scale + float minimum" if s.float_min else "symmetric" if s.symmetric else "zero points"
-    return f"int{s.bits} g{s.group}, {form}"
 
 
 def _ct_note(by_scheme: dict[Scheme, list[str]]) -> str:
