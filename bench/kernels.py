@@ -8,7 +8,9 @@ projections 4096x1536 (gate or up) and 1536x4096 (down), M = 1, 4, 16, 64, 256, 
 tinygemm use int4 weights, group 128, bf16 scales, bf16 activations; cuBLAS uses fp16 [N, K] weights.
 GB/s counts the bytes each kernel must move at least once (weights + scales + x + out); % copy is
 that over a device-to-device copy measured in the same run (bytes read + written). bitsandbytes NF4
-(the issue's third baseline) is not installed on the GPU machine and is left out.
+(the issue's third baseline) is not installed on the GPU machine and is left out. Before the table:
+what each timing method costs an empty kernel and an 8 MiB copy (the floor under the M = 1 times),
+and a sweep of the plan against forced kernels, N tiles and split counts (n_tile 128 = tile kernel).
 """
 
 from __future__ import annotations
@@ -178,20 +180,33 @@ def main() -> None:
           f"({(n * k // 2 + n * k // GROUP * 2) / us / 1e3:.0f} GB/s, launch gaps included)")
     FLUSH_MODE = args.flush
 
-    # split-K sweep at decode: the plan's choice against forced counts
+    # what the two timing methods cost a kernel that does nothing, and one that moves 8 MiB (the
+    # 4096x4096 int4 weights) at copy bandwidth: the floor under our M = 1 times
+    src, dst = torch.empty(8 << 20, dtype=torch.uint8, device="cuda"), torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
+    srcs = [torch.empty(8 << 20, dtype=torch.uint8, device="cuda") for _ in range(16)]
+    floor = {"empty_us": timed(lambda: torch.cuda._sleep(0)), "copy8_us": timed(lambda: dst.copy_(src)),
+             "g_empty_us": try_graph_us(lambda i: torch.cuda._sleep(0), 16),
+             "g_copy8_us": try_graph_us(lambda i: dst.copy_(srcs[i]), 16)}
+    print(f"timing floor: empty kernel {floor['empty_us']:.1f} us flushed / {floor['g_empty_us']:.1f} us in a graph; "
+          f"8 MiB copy (16 MiB moved) {floor['copy8_us']:.1f} us flushed / {floor['g_copy8_us']:.1f} us in a graph")
+
+    # the plan against forced kernels, N tiles and split counts (n_tile 128 = the mma tile kernel)
     sweep = []
-    for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
+    for m, k, n, tiles in [(1, 4096, 4096, (16, 32)), (1, 4096, 14336, (16, 32)), (1, 14336, 4096, (16, 32)),
+                           (1, 4096, 1536, (16, 32)), (4, 4096, 4096, (16, 32)), (8, 4096, 4096, (16, 32, 64))]:
         wt = our_weights(n, k)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        auto = ext.w4a16_plan(1, n, k, 0, props.multi_processor_count)[1]
-        row = {"shape": f"{k}x{n}", "auto": auto}
-        for s in (1, 2, 4, 8, 16, 32):
-            us = timed(lambda x=x, wt=wt, s=s: native.w4a16_gemm(x, wt, splits=s))
-            real = ext.w4a16_plan(1, n, k, s, props.multi_processor_count)[1]
-            row[s] = (real, us)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        auto = ext.w4a16_plan(m, n, k, 0, props.multi_processor_count)
+        row = {"shape": f"{k}x{n}", "M": m, "auto": f"{auto[5]}/{auto[1]}",
+               "auto_us": timed(lambda x=x, wt=wt: native.w4a16_gemm(x, wt))}
+        for nt in tiles + (128,):
+            for s in ((0,) if nt == 128 else (1, 2, 4, 8)):
+                us = timed(lambda x=x, wt=wt, s=s, nt=nt: native.w4a16_gemm(x, wt, splits=s, n_tile=nt))
+                real = ext.w4a16_plan(m, n, k, s, props.multi_processor_count, nt)
+                row[f"{nt}/{real[1]}"] = us
         sweep.append(row)
-        print(f"split-K sweep M=1 {k}x{n} (auto {auto}): " +
-              ", ".join(f"{v[0]}:{v[1]:.1f}us" for kk, v in row.items() if isinstance(kk, int)))
+        print(f"sweep M={m} {k}x{n}, n_tile/splits: auto {row['auto']} {row['auto_us']:.1f}us; " +
+              ", ".join(f"{kk}:{v:.1f}us" for kk, v in row.items() if "/" in kk and kk != "auto"))
 
     shapes, ms = (SHAPES[:2], [1, 16]) if args.quick else (SHAPES, MS)
     rows = []
@@ -214,7 +229,7 @@ def main() -> None:
             t_tg = timed(lambda tg=tg, xb=xb: tg(xb)) if tg is not None else float("nan")
             nbytes = n * k // 2 + n * (k // GROUP) * 2 + m * k * 2 + m * n * 2
             gbs = nbytes / t_ours / 1e3
-            plan = ext.w4a16_plan(m, n, k, 0, props.multi_processor_count)
+            plan = ext.w4a16_plan(m, n, k, 0, props.multi_processor_count)  # m_tile, splits, .., n_tile
             gq_ours = try_graph_us(lambda i, xb=xb, ws=g_ours, out=out: native.w4a16_gemm(xb, ws[i], out=out), ns4)
             gq_cublas = try_graph_us(lambda i, xh=xh, ws=g_w16: torch.nn.functional.linear(xh, ws[i]), ns16)
             gq_tg = (try_graph_us(lambda i, xb=xb, ts=g_tg: ts[i](xb), ns4) if g_tg is not None
@@ -222,19 +237,19 @@ def main() -> None:
             g_gbs = nbytes / gq_ours / 1e3
             rows.append({"shape": f"{k}x{n}", "M": m, "ours_us": t_ours, "GBs": gbs, "pct_copy": 100 * gbs / bw,
                              "cublas_us": t_cublas, "tinygemm_us": t_tg, "vs_cublas": t_cublas / t_ours,
-                             "vs_tinygemm": t_tg / t_ours, "m_tile": plan[0], "splits": plan[1],
+                             "vs_tinygemm": t_tg / t_ours, "m_tile": plan[0], "n_tile": plan[5], "splits": plan[1],
                              "g_ours_us": gq_ours, "g_GBs": g_gbs, "g_pct_copy": 100 * g_gbs / bw, "g_cublas_us": gq_cublas,
                              "g_tinygemm_us": gq_tg, "g_vs_cublas": gq_cublas / gq_ours, "g_vs_tinygemm": gq_tg / gq_ours})
 
     def markdown(p: str, plan_column: bool) -> str:
         """One table from the rows' measurements under key prefix p ("" flushed, "g_" graph replay)."""
         lines = ["| K x N | M | ours us | GB/s | % copy | cuBLAS fp16 us | tinygemm us | x cuBLAS | x tinygemm |"
-                 + (" tile/splits |" if plan_column else ""), "|---" * (10 if plan_column else 9) + "|"]
+                 + (" tile MxN/splits |" if plan_column else ""), "|---" * (10 if plan_column else 9) + "|"]
         for r in rows:
             lines.append(f"| {r['shape']} | {r['M']} | {r[p + 'ours_us']:.1f} | {r[p + 'GBs']:.0f} | "
                          f"{r[p + 'pct_copy']:.0f}% | {r[p + 'cublas_us']:.1f} | {r[p + 'tinygemm_us']:.1f} | "
                          f"{r[p + 'vs_cublas']:.2f} | {r[p + 'vs_tinygemm']:.2f} |"
-                         + (f" {r['m_tile']}/{r['splits']} |" if plan_column else ""))
+                         + (f" {r['m_tile']}x{r['n_tile']}/{r['splits']} |" if plan_column else ""))
         return "\n".join(lines)
 
     table, gtable = markdown("", True), markdown("g_", False)
@@ -244,9 +259,8 @@ def main() -> None:
             f"median of 40, L2 flushed by a 256 MB {FLUSH_MODE}; bitsandbytes NF4 not installed there (left out)")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps({"device": props.name, "copy_GBs": bw, "rows": rows,
-                                                         "sweep": [{str(k): v for k, v in r.items()} for r in sweep]},
-                                                        indent=1))
+        (args.out / "bench.json").write_text(json.dumps({"device": props.name, "copy_GBs": bw, "floor": floor,
+                                                         "rows": rows, "sweep": sweep}, indent=1))
         (args.out / "bench.md").write_text(head + "\n\n" + table + "\n\n" + ghead + "\n\n" + gtable + "\n")
     print(head)
     print(table)

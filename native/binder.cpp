@@ -79,10 +79,11 @@ void ensure_workspace(int dev, size_t floats, int counters, const at::TensorOpti
 
 // out[M, N] = x[M, K] @ W^T. w int32 [N/16, K/64, 32, 4]; scales fp16/bf16 [N/16, G, 16]; mins
 // (float-minimum form) like scales; zeros uint8 [N/16, G, 16] (zero point + 8); group 32/64/128 or -1.
-// splits 0 = the plan's choice.
+// splits 0 and n_tile 0 = the plan's choice; n_tile 16/32/64 forces the decode kernel (M <= 8), 128
+// the tile kernel.
 std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& zeros, at::Tensor& out,
-                int64_t group, int64_t splits) {
+                int64_t group, int64_t splits, int64_t n_tile) {
   CHECK_ARG(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [M, K], got ", desc(x));
   const int64_t M = x.size(0), K = x.size(1);
   CHECK_ARG(M >= 1, "x [M, K] needs M >= 1, got ", desc(x));
@@ -113,6 +114,10 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                 out.size(0) == M && out.size(1) == N,
             "out must be [", M, ", ", N, "] ", c10::toString(x.scalar_type()), " or Float, got ", desc(out));
   CHECK_ARG(splits >= 0, "splits must be >= 0 (0 = automatic), got ", splits);
+  CHECK_ARG(n_tile == 0 || n_tile == 16 || n_tile == 32 || n_tile == 64 || n_tile == 128,
+            "n_tile must be 0 (automatic), 16, 32, 64 (decode kernel) or 128 (tile kernel), got ", n_tile);
+  CHECK_ARG(n_tile == 0 || n_tile == 128 || M <= 8, "the decode kernel (n_tile ", n_tile,
+            ") takes M <= 8, got x ", desc(x));
   std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"scales", &scales}, {"out", &out}};
   if (mins) all.push_back({"mins", &*mins});
   if (zeros) all.push_back({"zeros", &*zeros});
@@ -130,7 +135,8 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int dev = x.device().index();
   m3e_w4a16_plan_t plan;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, sms, (int)splits, &plan);
+  int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, group == -1 ? 0 : (int)group, mins || zeros, sms, (int)splits,
+                          (int)n_tile, &plan);
   if (rc != M3E_OK) return cat("value: w4a16_gemm plan for x ", desc(x), ", w ", desc(w), ": ", m3e_error_string(rc));
   ensure_workspace(dev, plan.workspace_floats, plan.n_counters, x.options());
   m3e_w4a16_args a;
@@ -151,6 +157,7 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   a.scale_bf16 = scales.scalar_type() == at::kBFloat16;
   a.out_f32 = out.scalar_type() == at::kFloat;
   a.splits = plan.splits;
+  a.n_tile = plan.n_tile;
   rc = m3e_w4a16_gemm(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "w4a16_gemm(x ", desc(x), ", w ", desc(w), ", group ",
@@ -160,17 +167,19 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 #endif
 }
 
-// (m_tile, splits, grid_x, grid_y, workspace_floats) that w4a16_gemm would use: for the benchmark
-// and the tests.
-// An empty list when the shape is refused.
-std::vector<int64_t> w4a16_plan(int64_t M, int64_t N, int64_t K, int64_t splits, int64_t sms) {
+// (m_tile, splits, grid_x, grid_y, workspace_floats, n_tile) that w4a16_gemm would use for a weight
+// of this group (-1 per channel) and form (affine: zero points or minimums): for the benchmark and
+// the tests. An empty list when the shape is refused.
+std::vector<int64_t> w4a16_plan(int64_t M, int64_t N, int64_t K, int64_t splits, int64_t sms, int64_t n_tile,
+                                int64_t group, bool affine) {
 #ifdef M3E_NO_CUDA
   return {};
 #else
   m3e_w4a16_plan_t plan;
-  const int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, (int)sms, (int)splits, &plan);
+  const int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, group == -1 ? 0 : (int)group, affine, (int)sms,
+                                (int)splits, (int)n_tile, &plan);
   if (rc != M3E_OK) return {};
-  return {plan.m_tile, plan.splits, plan.grid_x, plan.grid_y, (int64_t)plan.workspace_floats};
+  return {plan.m_tile, plan.splits, plan.grid_x, plan.grid_y, (int64_t)plan.workspace_floats, plan.n_tile};
 #endif
 }
 
@@ -178,9 +187,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm", &w4a16_gemm,
         "out[M, N] = x[M, K] @ W^T, W int4 repacked (native/cuda/w4a16.cuh); returns an error message or ''",
         py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("mins"), py::arg("zeros"), py::arg("out"),
-        py::arg("group"), py::arg("splits") = 0);
+        py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0);
   m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
-        py::arg("sms") = 132);
+        py::arg("sms") = 132, py::arg("n_tile") = 0, py::arg("group") = 128, py::arg("affine") = false);
 #ifdef M3E_NO_CUDA
   m.attr("has_cuda") = false;
 #else

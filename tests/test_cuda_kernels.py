@@ -130,7 +130,7 @@ def _args(M=3, N=128, K=256, group=64, dtype=torch.float16, **over):
     G = K // group if group > 0 else 1
     a = {"x": torch.zeros(M, K, dtype=dtype), "w": torch.zeros(N // 16, K // 64, 32, 4, dtype=torch.int32),
              "scales": torch.zeros(N // 16, G, 16, dtype=torch.bfloat16), "mins": None, "zeros": None,
-             "out": torch.zeros(M, N, dtype=dtype), "group": group, "splits": 0}
+             "out": torch.zeros(M, N, dtype=dtype), "group": group, "splits": 0, "n_tile": 0}
     a.update(over)
     return a
 
@@ -151,6 +151,9 @@ def _args(M=3, N=128, K=256, group=64, dtype=torch.float16, **over):
     ({"out": torch.zeros(3, 128, dtype=torch.bfloat16)}, r"out must be \[3, 128\] Half or Float, got \[3, 128\] BFloat16"),
     ({"out": torch.zeros(4, 128, dtype=torch.float16)}, r"out must be \[3, 128\]"),
     ({"x": torch.zeros(256, 3, dtype=torch.float16).t()}, r"x \[3, 256\] Half must be contiguous"),
+    ({"n_tile": 48}, r"n_tile must be 0 \(automatic\), 16, 32, 64 \(decode kernel\) or 128 \(tile kernel\), got 48"),
+    ({"x": torch.zeros(9, 256, dtype=torch.float16), "out": torch.zeros(9, 128, dtype=torch.float16), "n_tile": 16},
+     r"decode kernel \(n_tile 16\) takes M <= 8, got x \[9, 256\]"),
     ({}, r"x \[3, 256\] Half is on cpu; every tensor must be on the same CUDA device"),
 ])
 def test_binder_checks_name_the_shapes(checks, over, pattern):
@@ -189,7 +192,7 @@ def ext():
     return native.load()
 
 
-def _parity(ext, M, n, k, group, kind, act, scale_dtype, splits=0, seed=0):
+def _parity(ext, M, n, k, group, kind, act, scale_dtype, splits=0, seed=0, n_tile=0):
     """(error of the fp32 output vs the fp32 reference, error of the act-dtype output vs the reference
     rounded once to that dtype). The second is what a perfect kernel scores 0 on: a bf16 output alone
     is 2^-9 off the fp32 value (~1.6e-3 relative RMS), so it cannot be held to 1e-3 against fp32."""
@@ -201,7 +204,7 @@ def _parity(ext, M, n, k, group, kind, act, scale_dtype, splits=0, seed=0):
     errs = []
     for dt in (torch.float32, act):
         out = torch.full((M, n), float("nan"), dtype=dt, device="cuda")  # poisoned: every element must be written
-        native.w4a16_gemm(x, wt, out=out, splits=splits)
+        native.w4a16_gemm(x, wt, out=out, splits=splits, n_tile=n_tile)
         torch.cuda.synchronize()
         assert not out.isnan().any(), f"unwritten (NaN) outputs for M={M} N={n} K={k} group={group} {kind} out {dt}"
         errs.append(_rel_err(out, ref.to(dt)))
@@ -228,19 +231,21 @@ def test_w4a16_parity(ext, M, group, kind, act):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("M,n,k,group,splits", [
-    (1, 64, 576, 64, 0), (5, 4096, 4096, 128, 0), (33, 1536, 4096, 128, 3), (118, 256, 1536, -1, 5),
-    (1, 14336, 4096, 32, 0), (2, 4096, 14336, 128, 0), (64, 128, 64, 32, 0)])
+@pytest.mark.parametrize("M,n,k,group,splits,n_tile", [
+    (1, 64, 576, 64, 0, 0), (5, 4096, 4096, 128, 0, 0), (33, 1536, 4096, 128, 3, 0), (118, 256, 1536, -1, 5, 0),
+    (1, 14336, 4096, 32, 0, 0), (2, 4096, 14336, 128, 0, 0), (64, 128, 64, 32, 0, 0),
+    (8, 256, 14336, 32, 0, 16), (8, 128, 4096, 64, 1, 32)])
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_w4a16_parity_shapes_and_splits(ext, M, n, k, group, splits, act):
-    """Odd K / 128 (a last chunk of one 64-block), real layer shapes, forced split-K, tiny K; scales
-    in the other 16-bit type than the activations."""
+def test_w4a16_parity_shapes_and_splits(ext, M, n, k, group, splits, n_tile, act):
+    """Odd K / 128 (a last chunk of one 64-block), real layer shapes, forced split-K, tiny K, the
+    decode kernel forced where its shared memory needs more slices than asked; scales in the other
+    16-bit type than the activations."""
     seed = int(torch.randint(0, 2**30, ()).item())
     other = torch.float16 if act == torch.bfloat16 else torch.bfloat16
     for kind in KINDS:
         if kind == "fmin" and group == -1:
             continue
-        e32, e16 = _parity(ext, M, n, k, group, kind, act, other, splits=splits, seed=seed)
+        e32, e16 = _parity(ext, M, n, k, group, kind, act, other, splits=splits, seed=seed, n_tile=n_tile)
         print(f"parity M={M} N={n} K={k} group={group} {kind} splits={splits} {str(act)[6:]} "
               f"rel_err_fp32_out={e32:.2e} rel_err_{str(act)[6:]}_out={e16:.2e}")
         assert e32 <= 1e-3 and e16 <= 1e-3, \
@@ -249,16 +254,37 @@ def test_w4a16_parity_shapes_and_splits(ext, M, n, k, group, splits, act):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("n_tile,splits", [(16, 0), (16, 7), (32, 3), (64, 0), (64, 18), (128, 0)])
+@pytest.mark.parametrize("M", [1, 3, 5, 8])
+def test_w4a16_decode_paths(ext, M, n_tile, splits):
+    """Every N tile of the decode kernel, and the tile kernel forced at small M, over M = 1..8: K = 18
+    blocks of 64, so 7 slices of 3 blocks start mid group 128 and 18 slices hold one block each (warps
+    with no block); every form, both activation dtypes."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    for act in (torch.float16, torch.bfloat16):
+        for group in (32, 128, -1):
+            for kind in KINDS:
+                if kind == "fmin" and group == -1:
+                    continue
+                e32, e16 = _parity(ext, M, 256, 1152, group, kind, act, act, splits=splits, seed=seed, n_tile=n_tile)
+                assert e32 <= 1e-3 and e16 <= 1e-3, (f"relative error {e32:.2e} / {e16:.2e} (M={M} n_tile={n_tile} "
+                                                     f"splits={splits} group={group} {kind} {act} seed={seed})")
+
+
+@gpu
+@needs_cuda
 def test_w4a16_repeatable_and_split_invariant(ext):
-    """Same inputs twice: bit-identical (the split-K reduction is ordered); split counts agree to fp32 rounding."""
+    """Same inputs twice: bit-identical (the split-K reductions are ordered), decode and tile kernels;
+    split counts and kernels agree to fp32 rounding."""
     tensors, scheme = _make_linear(512, 2048, 128, "zp", torch.bfloat16, seed=11)
     wt = native.repack({k: v.cuda() for k, v in tensors.items()}, scheme)
     x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
-    a = native.w4a16_gemm(x, wt, splits=4)
-    b = native.w4a16_gemm(x, wt, splits=4)
-    c = native.w4a16_gemm(x, wt, splits=1)
-    assert torch.equal(a, b)
-    assert _rel_err(a, c) < 1e-3
+    ref = native.w4a16_gemm(x, wt, splits=1, out=torch.empty(4, 512, device="cuda"))
+    for n_tile in (16, 128):
+        a = native.w4a16_gemm(x, wt, splits=4, n_tile=n_tile, out=torch.empty(4, 512, device="cuda"))
+        b = native.w4a16_gemm(x, wt, splits=4, n_tile=n_tile, out=torch.empty(4, 512, device="cuda"))
+        assert torch.equal(a, b)
+        assert _rel_err(a, ref) < 1e-3
 
 
 @gpu

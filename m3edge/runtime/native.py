@@ -41,7 +41,7 @@ from m3edge.model.scheme import Scheme
 
 ROOT = Path(__file__).resolve().parents[2] / "native"
 SOURCES = ["binder.cpp", "cuda/w4a16.cu", "cuda/w4a16_f16.cu", "cuda/w4a16_bf16.cu"]
-HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh"]
+HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh", "cuda/w4a16_decode.cuh"]
 # No -std: torch picks the standard its headers need (a different one than torch was built with broke
 # the ABI of c10's exceptions: the first error raised through the binder segfaulted, torch 2.11).
 CUDA_FLAGS = ["-O3", "-lineinfo"]
@@ -219,14 +219,16 @@ def repack(tensors: dict[str, torch.Tensor], scheme: Scheme) -> W4Weights:
 # ---------------------------------------------------------------------------------------------- call
 
 
-def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, splits: int = 0) -> torch.Tensor:
+def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, splits: int = 0,
+               n_tile: int = 0) -> torch.Tensor:
     """x [..., K] fp16/bf16 -> [..., N] = x @ W^T (fp32 accumulation, group scales applied in fp32).
-    `out` may be given ([M, N], x's dtype or float32 for the unrounded result)."""
+    `out` may be given ([M, N], x's dtype or float32 for the unrounded result). splits and n_tile
+    override the plan (0 = its choice): n_tile 16/32/64 is the decode kernel (M <= 8), 128 the tiles."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = torch.empty(x2.shape[0], wt.n, dtype=x.dtype, device=x.device)
-    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits))
+    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile))
     return out.reshape(*lead, wt.n)
 
 

@@ -46,20 +46,26 @@ typedef struct {
   int G;      // groups per row: K / group, or 1
   int act_bf16, scale_bf16;
   int out_f32;  // out is fp32 [M, N] (else the activations' type)
-  int splits;  // from m3e_w4a16_plan
+  int splits;   // from m3e_w4a16_plan
+  int n_tile;   // from m3e_w4a16_plan: 128 = the mma tile kernel, 16/32/64 = the decode kernel
 } m3e_w4a16_args;
 
 typedef struct {
   int m_tile;    // rows of x per CTA (8, 16, 32 or 64)
+  int n_tile;    // rows of N per CTA: 128 for the tile kernel, 16/32/64 for the decode kernel (M <= 8)
   int splits;    // K is cut into this many slices (split-K), reduced by the last CTA of each tile
   int grid_x, grid_y;
   size_t workspace_floats;
   int n_counters;
 } m3e_w4a16_plan_t;
 
-// Pick tile and split-K for a shape on a device with `sms` multiprocessors; splits_req > 0 forces
-// a split count (the benchmark's sweep), clamped so that every slice has work.
-int m3e_w4a16_plan(int M, int N, int K, int sms, int splits_req, m3e_w4a16_plan_t* plan);
+// Pick kernel, tile and split-K for a shape and weight form (group 32/64/128 or 0 per channel;
+// affine = zero points or float minimums) on a device with `sms` multiprocessors. splits_req > 0
+// forces a split count and n_tile_req > 0 a kernel and N tile (the benchmark's sweep, the tests'
+// coverage of every path); the split count is clamped so that every slice has work and the decode
+// kernel's shared memory fits. n_tile_req < 128 needs M <= 8.
+int m3e_w4a16_plan(int M, int N, int K, int group, int affine, int sms, int splits_req, int n_tile_req,
+                   m3e_w4a16_plan_t* plan);
 
 // Launch on `stream` (a cudaStream_t). args->splits must be the plan's.
 int m3e_w4a16_gemm(const m3e_w4a16_args* args, void* stream);

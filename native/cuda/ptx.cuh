@@ -20,6 +20,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
   const int n = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(n));
 }
+// The same to a 32-bit shared-space address (the decode kernel keeps these in registers: a generic
+// pointer costs a conversion per copy).
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Wait until at most N committed groups are still in flight.
 template <int N>
@@ -35,6 +40,35 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const vo
                : "=r"(r0), "=r"(r1)
                : "r"(smem_u32(p))
                : "memory");
+}
+
+// Four 8x8 b16 matrices, lanes 8i..8i+7 giving the row addresses of matrix i (a shared-space address).
+// With x stored [m][k] and the matrices at k 0-7, 8-15, 16-23, 24-31, {r0, r1} and {r2, r3} are the
+// m16n8k16 B fragments of two consecutive k16 steps (same fragment rule as ldmatrix_x2). No "memory"
+// clobber: volatile keeps it after the cp.async wait, and a clobber made nvcc reload the kernel
+// parameters and recompute addresses after every use (seen in the decode kernel's SASS).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
+}
+
+// 8 or 16 bytes of shared memory at a 32-bit shared-space address (one register, where a generic
+// pointer takes two). volatile: ordered after the cp.async wait that makes the bytes valid.
+__device__ __forceinline__ float2 lds64(uint32_t saddr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(saddr));
+  return v;
+}
+__device__ __forceinline__ uint4 lds_u4(uint32_t saddr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(saddr));
+  return v;
+}
+__device__ __forceinline__ float4 lds128(uint32_t saddr) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(saddr));
+  return v;
 }
 
 // (a & b) | c in one instruction: lut = (0xf0 & 0xcc) | 0xaa.

@@ -1,6 +1,6 @@
-// W4A16 GEMM: the plan (tile and split-K choice), argument checks and the dtype dispatch. The kernel
-// itself is in w4a16.cuh.
-#include "w4a16.cuh"
+// W4A16 GEMM: the plan (kernel, tile and split-K choice), argument checks and the dtype dispatch. The
+// kernels are in w4a16.cuh (mma tiles) and w4a16_decode.cuh (M <= 8).
+#include "w4a16_decode.cuh"
 
 namespace m3e {
 namespace w4 {
@@ -22,14 +22,59 @@ extern "C" const char* m3e_error_string(int code) {
     case M3E_ERR_ALIGN: return "every pointer must be 16-byte aligned";
     case M3E_ERR_WORKSPACE: return "split-K needs the plan's workspace and zeroed counters";
     case M3E_ERR_CUDA: return "a CUDA call or kernel launch failed";
-    case M3E_ERR_ARG: return "a required pointer is null or a flag is out of range";
+    case M3E_ERR_ARG: return "a required pointer is null, or a flag, n_tile or splits is not the plan's";
     default: return "unknown error";
   }
 }
 
-extern "C" int m3e_w4a16_plan(int M, int N, int K, int sms, int splits_req, m3e_w4a16_plan_t* plan) {
+static int group_shift(int group) {
+  switch (group) {
+    case 32: return 5;
+    case 64: return 6;
+    case 128: return 7;
+    case 0: return 31;  // per channel: k >> 31 is 0 for every k
+    default: return -1;
+  }
+}
+
+// Decode plan: NS slabs per CTA, then the split count. Two slabs per CTA (8 blocks per warp) where
+// that still gives a CTA to at least half of the SMs and one K slice fits the shared memory: the
+// warps' fixed costs (staging, scale expansion, reduction) are then spread over twice the blocks,
+// and x is staged once for 32 rows (NOTES.md v10: 10.6 against 12.2 us at 4096 x 4096). Else one
+// slab, and split-K only below half of the SMs (the fixup's extra L2 round trips cost more than
+// idle SMs); then as many slices as the shared memory needs.
+static int decode_plan(int M, int N, int K, int gshift, bool affine, int sms, int splits_req, int ns,
+                       m3e_w4a16_plan_t* plan) {
+  if (M > DECODE_MAX_M) return M3E_ERR_ARG;
+  const int kb = K / 64, G = gshift == 31 ? 1 : K >> gshift;
+  auto fits = [&](int n, int cps) { return DecodeSmem(M, n, cps, gshift, G, affine, false).total <= DECODE_SMEM_MAX; };
+  if (ns == 0) ns = 2 * (N / 32) >= sms && fits(2, kb) ? 2 : 1;  // N % 64 == 0: ns in {1, 2, 4} divides N / 16
+  const int gx = N / 16 / ns;
+  int splits = splits_req > 0 ? splits_req : 2 * gx >= sms ? 1 : (sms + gx - 1) / gx;
+  if (splits > kb) splits = kb;
+  int cps = (kb + splits - 1) / splits;
+  while (cps > 1 && !fits(ns, cps)) cps--;
+  splits = (kb + cps - 1) / cps;  // no empty slice
+  plan->m_tile = 8;
+  plan->n_tile = 16 * ns;
+  plan->splits = splits;
+  plan->grid_x = gx;
+  plan->grid_y = 1;
+  plan->workspace_floats = splits > 1 ? (size_t)gx * splits * 16 * ns * M : 0;
+  plan->n_counters = splits > 1 ? gx : 0;
+  return M3E_OK;
+}
+
+extern "C" int m3e_w4a16_plan(int M, int N, int K, int group, int affine, int sms, int splits_req,
+                              int n_tile_req, m3e_w4a16_plan_t* plan) {
   if (!plan) return M3E_ERR_ARG;
   if (M < 1 || N < 64 || K < 64 || N % 64 || K % 64) return M3E_ERR_SHAPE;
+  const int gshift = group_shift(group);
+  if (gshift < 0 || (group && K % group)) return M3E_ERR_GROUP;
+  if (n_tile_req != 0 && n_tile_req != 16 && n_tile_req != 32 && n_tile_req != 64 && n_tile_req != NT)
+    return M3E_ERR_ARG;
+  if (n_tile_req == 0 ? M <= DECODE_MAX_M && M * K * 2 <= DECODE_X_MAX : n_tile_req < NT)
+    return decode_plan(M, N, K, gshift, affine != 0, sms, splits_req, n_tile_req / 16, plan);
   const int mt = m_tile_of(M);
   const int gx = (N + NT - 1) / NT, gy = (M + 8 * mt - 1) / (8 * mt);
   const int nch = (K + KC - 1) / KC;
@@ -48,6 +93,7 @@ extern "C" int m3e_w4a16_plan(int M, int N, int K, int sms, int splits_req, m3e_
   const int cps = (nch + splits - 1) / splits;
   splits = (nch + cps - 1) / cps;  // no empty slice
   plan->m_tile = 8 * mt;
+  plan->n_tile = NT;
   plan->splits = splits;
   plan->grid_x = gx;
   plan->grid_y = gy;
@@ -65,22 +111,18 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
       a->out_f32 > 1)
     return M3E_ERR_ARG;
   if (a->mins && a->zeros) return M3E_ERR_ARG;
-  int gshift, gmask;
-  switch (a->group) {
-    case 32: gshift = 5; break;
-    case 64: gshift = 6; break;
-    case 128: gshift = 7; break;
-    case 0: gshift = 31; break;
-    default: return M3E_ERR_GROUP;
-  }
-  gmask = a->group ? a->group - 1 : 0x7fffffff;
+  const int gshift = group_shift(a->group);
+  if (gshift < 0) return M3E_ERR_GROUP;
+  const int gmask = a->group ? a->group - 1 : 0x7fffffff;
   if (a->G != (a->group ? a->K / a->group : 1)) return M3E_ERR_GROUP;
   if (misaligned(a->x) || misaligned(a->w) || misaligned(a->scales) || misaligned(a->mins) ||
       misaligned(a->zeros) || misaligned(a->out))
     return M3E_ERR_ALIGN;
-  const int mt = m_tile_of(a->M);
-  const int gx = (a->N + NT - 1) / NT, gy = (a->M + 8 * mt - 1) / (8 * mt);
-  const int nch = (a->K + KC - 1) / KC;
+  const bool decode = a->n_tile != NT;
+  if (decode && (a->M > DECODE_MAX_M || (a->n_tile != 16 && a->n_tile != 32 && a->n_tile != 64)))
+    return M3E_ERR_ARG;
+  // K in the units a slice is made of: 128-k chunks (tiles) or 64-k blocks (decode)
+  const int nch = decode ? a->K / 64 : (a->K + KC - 1) / KC;
   if (a->splits < 1 || a->splits > nch) return M3E_ERR_ARG;
   const int cps = (nch + a->splits - 1) / a->splits;
   if ((nch + cps - 1) / cps != a->splits) return M3E_ERR_ARG;  // not the plan's count: a slice would be empty
@@ -105,8 +147,25 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   p.splits = a->splits;
   p.cps = cps;
   p.out_f32 = a->out_f32;
-  const dim3 grid(gx, gy, a->splits);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return a->act_bf16 ? launch_bf16(p, mt, a->mins != nullptr, grid, s)
-                     : launch_f16(p, mt, a->mins != nullptr, grid, s);
+  const bool has_min = a->mins != nullptr;
+  if (decode) {
+    const DecodeSmem L(a->M, a->n_tile / 16, cps, gshift, a->G, has_min, a->zeros != nullptr);
+    if (L.total > DECODE_SMEM_MAX) return M3E_ERR_ARG;  // splits not from the plan
+    p.ns = a->n_tile / 16;
+    p.wk_shift = 0;
+    while ((p.ns << (p.wk_shift + 1)) <= DWARPS) p.wk_shift++;  // log2(DWARPS / ns)
+    p.xstride = cps * 64 + 8;
+    p.gs = L.gs;
+    p.sm_meta = L.meta;
+    p.sm_raw_s = L.raw_s;
+    p.sm_raw_2 = L.raw_2;
+    p.sm_ring = L.ring;
+    const int smem = L.total;
+    const dim3 grid(a->N / a->n_tile, a->splits);
+    return a->act_bf16 ? launch_decode_bf16(p, grid, smem, s) : launch_decode_f16(p, grid, smem, s);
+  }
+  const int mt = m_tile_of(a->M);
+  const dim3 grid((a->N + NT - 1) / NT, (a->M + 8 * mt - 1) / (8 * mt), a->splits);
+  return a->act_bf16 ? launch_bf16(p, mt, has_min, grid, s) : launch_f16(p, mt, has_min, grid, s);
 }

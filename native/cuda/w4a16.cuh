@@ -74,8 +74,11 @@ struct Params {
   int M, N, K, G;
   int gshift;  // log2(group); 31 per channel, so k >> gshift is 0 for every k
   int gmask;   // group - 1; 0x7fffffff per channel, so no group ends inside K
-  int scale_bf16, splits, cps;  // cps: chunks per split
+  int scale_bf16, splits, cps;  // cps: K per split, in 128-k chunks (tiles) or 64-k blocks (decode)
   int out_f32;                   // out is fp32 (else the activations' 16-bit type)
+  // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
+  // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
+  int ns, wk_shift, xstride, gs, sm_meta, sm_raw_s, sm_raw_2, sm_ring;
 };
 
 template <bool BF16>
@@ -413,18 +416,25 @@ __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE
   if (tid == 0) p.cnt[tile] = 0;
 }
 
-template <bool BF16, int MT, bool HAS_MIN>
-int launch(const Params& p, dim3 grid, cudaStream_t stream) {
-  auto kern = w4a16_kernel<BF16, MT, HAS_MIN>;
-  // > 48 KB of dynamic shared memory needs the opt-in; set once per process and device.
-  static bool opted[64] = {};
+// > 48 KB of dynamic shared memory needs an opt-in per kernel; done once per process and device
+// (`opted`: the kernel's own flags).
+template <typename Kern>
+int opt_in_smem(Kern kern, int bytes, bool* opted) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return M3E_ERR_CUDA;
   if (dev < 64 && !opted[dev]) {
-    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg<MT>::SMEM) != cudaSuccess)
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
       return M3E_ERR_CUDA;
     opted[dev] = true;
   }
+  return M3E_OK;
+}
+
+template <bool BF16, int MT, bool HAS_MIN>
+int launch(const Params& p, dim3 grid, cudaStream_t stream) {
+  auto kern = w4a16_kernel<BF16, MT, HAS_MIN>;
+  static bool opted[64] = {};
+  if (int rc = opt_in_smem(kern, Cfg<MT>::SMEM, opted); rc != M3E_OK) return rc;
   kern<<<grid, THREADS, Cfg<MT>::SMEM, stream>>>(p);
   return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
