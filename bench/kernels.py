@@ -11,6 +11,10 @@ that over a device-to-device copy measured in the same run (bytes read + written
 (the issue's third baseline) is not installed on the GPU machine and is left out. Before the table:
 what each timing method costs an empty kernel and an 8 MiB copy (the floor under the M = 1 times),
 and a sweep of the plan against forced kernels, N tiles and split counts (n_tile 128 = tile kernel).
+
+    PYTHONPATH=. python3 bench/kernels.py --moe [--out DIR]
+
+is the fused MoE section instead (`moe_bench`): the M3-Lite routed experts, T = 1..256 tokens.
 """
 
 from __future__ import annotations
@@ -126,10 +130,150 @@ def tinygemm(n: int, k: int):
         return None, f"{type(e).__name__}: {e}"
 
 
+# The M3-Lite routed experts (issue 6): E = 48, H = 4096 <-> I = 1536, top-8.
+MOE_E, MOE_H, MOE_I, MOE_K = 48, 4096, 1536, 8
+MOE_TS = [1, 4, 16, 64, 256]
+
+
+def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
+    """Fused MoE (ours, three launches) vs a bf16 loop over the selected experts (torch, cuBLAS) and vs
+    per-expert calls of our w4a16_gemm, T = 1..256 tokens. The loops get their per-expert token lists
+    precomputed (outside the timing; a real one would sync to build them). GB/s counts the active
+    experts' int4 bytes (weights + scales) plus x and out once; % copy is that over the copy bandwidth."""
+    E, H, I, K = MOE_E, MOE_H, MOE_I, MOE_K
+    G = GROUP
+
+    def rnd_w4(*lead, n, k):
+        return native.W4Weights(torch.randint(-(2**31), 2**31 - 1, (*lead, n // 16, k // 64, 32, 4), dtype=torch.int32,
+                                              device="cuda"),
+                                (torch.rand(*lead, n // 16, k // G, 16, device="cuda") * 0.02 + 0.001).to(torch.bfloat16),
+                                None, None, n, k, G)
+
+    ex = native.W4Experts(rnd_w4(E, n=2 * I, k=H), rnd_w4(E, n=H, k=I), E)
+    per_gu = [native.W4Weights(ex.gate_up.w[e], ex.gate_up.scales[e], None, None, 2 * I, H, G) for e in range(E)]
+    per_dn = [native.W4Weights(ex.down.w[e], ex.down.scales[e], None, None, H, I, G) for e in range(E)]
+    w_gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02  # gate rows, then up rows
+    w_dn = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+    ebytes = ex.expert_nbytes()
+
+    def routing(T, seed):
+        g = torch.Generator("cuda").manual_seed(seed)
+        vals, ids = torch.randn(T, E, generator=g, device="cuda").topk(K, dim=-1)
+        w = torch.softmax(vals, dim=-1).to(torch.bfloat16)  # fp32 softmax, then bf16 (the spec's router)
+        lists = []
+        for e in ids.unique().tolist():
+            t, j = (ids == e).nonzero(as_tuple=True)
+            lists.append((e, t, w[t, j][:, None]))
+        return ids.int(), w, lists
+
+    def bf16_loop(x, lists, out):
+        out.zero_()
+        for e, t, wt in lists:
+            gu = torch.nn.functional.linear(x[t], w_gu[e])  # [n, 2I]
+            a = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+            out.index_add_(0, t, torch.nn.functional.linear(a, w_dn[e]) * wt)
+
+    def ours_loop(x, lists, out):
+        out.zero_()
+        for e, t, wt in lists:
+            gu = native.w4a16_gemm(x[t], per_gu[e]).view(-1, I // 16, 2, 16)  # slabs interleaved
+            a = (torch.nn.functional.silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(-1, I)
+            out.index_add_(0, t, native.w4a16_gemm(a, per_dn[e]) * wt)
+
+    # the slabs-per-CTA sweep (plan: ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn); a choice whose
+    # token tile does not fit shared memory is left out
+    sweep = {}
+    for T in (1, 4, 16):
+        xs = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ids_s, w_s, _ = routing(T, 1)
+        o_s = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        for nsg in (2, 4, 8):
+            for nsd in (2, 4, 8, 16):
+                if not ext.moe_plan(T, K, E, H, I, G, False, nsg, nsd):
+                    continue
+                sweep[f"T{T} {nsg}/{nsd}"] = timed(
+                    lambda xs=xs, ids_s=ids_s, w_s=w_s, o_s=o_s, nsg=nsg, nsd=nsd:
+                    native.moe_w4a16(xs, ids_s, w_s, ex, out=o_s, ns_gu=nsg, ns_dn=nsd))
+        print(f"moe sweep T={T}, ns_gu/ns_dn: " + ", ".join(f"{k_[len(str(T)) + 2:]}:{v:.1f}us" for k_, v in sweep.items()
+                                                          if k_.startswith(f"T{T} ")) +
+              f"; plan {ext.moe_plan(T, K, E, H, I, G)}")
+
+    # where the fused call's time goes: each launch's mean device time (torch.profiler, L2 flushed
+    # before each call, rotating routings)
+    from torch.profiler import ProfilerActivity, profile
+
+    breakdown = {}
+    for T in (1, 16):
+        xs = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        rs = [routing(T, 7 + i) for i in range(6)]
+        o_s = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(24):
+                flush_l2()
+                native.moe_w4a16(xs, rs[i % 6][0], rs[i % 6][1], ex, out=o_s)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            name = ev.key
+            kind = ("group" if "moe_group" in name else "gate+up" if "EPI)1" in name or ", 1>" in name
+                    else "down" if "EPI)2" in name or ", 2>" in name else None)
+            if kind:
+                us = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)
+                breakdown[f"T{T} {kind}"] = us
+        print(f"moe launches T={T} (profiler, mean us): " +
+              ", ".join(f"{k_.split(' ', 1)[1]} {v:.1f}" for k_, v in breakdown.items() if k_.startswith(f"T{T} ")))
+
+    rows = []
+    n_sets = 6
+    for T in MOE_TS:
+        sets = [routing(T, 100 * T + i) for i in range(n_sets)]
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        ids, w, lists = sets[0]
+        t_ours = timed(lambda x=x, ids=ids, w=w, out=out: native.moe_w4a16(x, ids, w, ex, out=out))
+        t_bf16 = timed(lambda x=x, lists=lists, out=out: bf16_loop(x, lists, out))
+        t_loop = timed(lambda x=x, lists=lists, out=out: ours_loop(x, lists, out))
+        g_ours = try_graph_us(lambda i, x=x, sets=sets, out=out: native.moe_w4a16(x, sets[i][0], sets[i][1], ex, out=out),
+                              n_sets)
+        g_bf16 = try_graph_us(lambda i, x=x, sets=sets, out=out: bf16_loop(x, sets[i][2], out), n_sets)
+        g_loop = try_graph_us(lambda i, x=x, sets=sets, out=out: ours_loop(x, sets[i][2], out), n_sets)
+        active = sum(len(s_[2]) for s_ in sets) / n_sets
+        nbytes = len(lists) * ebytes + 2 * T * H * 2  # the timed set's experts (flushed table)
+        gbytes = active * ebytes + 2 * T * H * 2  # mean over the rotated sets (graph table)
+        plan = ext.moe_plan(T, K, E, H, I, G)
+        rows.append({"T": T, "active": len(lists), "ours_us": t_ours, "GBs": nbytes / t_ours / 1e3,
+                     "pct_copy": 100 * nbytes / t_ours / 1e3 / bw, "bf16_loop_us": t_bf16, "w4_loop_us": t_loop,
+                     "vs_bf16": t_bf16 / t_ours, "vs_w4_loop": t_loop / t_ours, "plan": plan,
+                     "g_active": active, "g_ours_us": g_ours, "g_GBs": gbytes / g_ours / 1e3,
+                     "g_pct_copy": 100 * gbytes / g_ours / 1e3 / bw, "g_bf16_loop_us": g_bf16, "g_w4_loop_us": g_loop,
+                     "g_vs_bf16": g_bf16 / g_ours, "g_vs_w4_loop": g_loop / g_ours})
+
+    def md(p: str) -> str:
+        lines = ["| T | experts | ours us | GB/s | % copy | bf16 loop us | w4a16 loop us | x bf16 loop | x w4a16 loop |"
+                 + (" ns/mr gate+up, down |" if not p else ""), "|---" * (10 if not p else 9) + "|"]
+        for r in rows:
+            lines.append(f"| {r['T']} | {r[p + 'active']:.0f} | {r[p + 'ours_us']:.1f} | {r[p + 'GBs']:.0f} | "
+                         f"{r[p + 'pct_copy']:.0f}% | {r[p + 'bf16_loop_us']:.1f} | {r[p + 'w4_loop_us']:.1f} | "
+                         f"{r[p + 'vs_bf16']:.2f} | {r[p + 'vs_w4_loop']:.2f} |"
+                         + (f" {r['plan'][0]}/{r['plan'][1]}, {r['plan'][2]}/{r['plan'][3]} |" if not p else ""))
+        return "\n".join(lines)
+
+    head = (f"Fused MoE, M3-Lite experts (E={E}, H={H}, I={I}, top-{K}), int4 g{G} bf16, {ebytes / 1e6:.2f} MB per "
+            f"expert; median of 40, L2 flushed by a 256 MB {FLUSH_MODE}; copy {bw:.0f} GB/s")
+    ghead = (f"Fused MoE steady state (CUDA graph over {n_sets} routings in turn; experts = mean distinct experts "
+             "per call)")
+    text = head + "\n\n" + md("") + "\n\n" + ghead + "\n\n" + md("g_") + "\n"
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "moe.json").write_text(json.dumps({"copy_GBs": bw, "sweep": sweep, "breakdown": breakdown, "rows": rows}, indent=1))
+        (out_dir / "moe.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     global FLUSH, FLUSH_MODE
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--moe", action="store_true", help="only the fused MoE section (M3-Lite experts)")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 1 and 16")
     ap.add_argument("--flush", choices=["read", "write"], default="read", help="how L2 is flushed (flush_l2)")
     ap.add_argument("--profile", action="store_true", help="a few unflushed calls for ncu (M = 1 and 64, 4096x4096)")
@@ -149,6 +293,9 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB; "
           f"torch {torch.__version__}; copy bandwidth {bw:.0f} GB/s (1 GiB, read + write)")
+    if args.moe:
+        moe_bench(ext, bw, args.out)
+        return
 
     # the flush's own cost: M = 1, 4096x4096, each way of flushing, and none (8 weight sets in turn, 64 MB)
     k, n = 4096, 4096

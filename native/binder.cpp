@@ -52,6 +52,8 @@ bool is_half(const at::Tensor& t) {
 
 #define CHECK_ARG(cond, ...) \
   if (!(cond)) return cat("value: w4a16_gemm: ", __VA_ARGS__)
+#define CHECK_MOE(cond, ...) \
+  if (!(cond)) return cat("value: moe_w4a16: ", __VA_ARGS__)
 
 std::string check_shape3(const at::Tensor& t, const char* name, int64_t a, int64_t b, int64_t c) {
   CHECK_ARG(t.dim() == 3 && t.size(0) == a && t.size(1) == b && t.size(2) == c, name, " must be [", a, ", ", b,
@@ -167,6 +169,164 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 #endif
 }
 
+std::string check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const char* layout) {
+  bool ok = t.dim() == (int64_t)shape.size();
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = t.size(i) == shape[i];
+  std::string want = "[";
+  for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+  CHECK_MOE(ok, name, " must be ", want, "] (", layout, "), got ", desc(t));
+  return "";
+}
+
+// The routed experts of one MoE layer (native/cuda/moe.cu): out[T, H] = sum_j weights[t, j]
+// down_e(silu(gate_e(x)) * up_e(x)), e = ids[t, j]. x fp16/bf16 [T, H]; ids int32/int64 [T, k];
+// weights fp32 or x's dtype [T, k]; gate+up int32 [E, 2I/16, H/64, 32, 4] (gate and up interleaved by
+// 16-row slabs, m3edge.runtime.native.repack_experts), its scales [E, 2I/16, G, 16]; down int32
+// [E, H/16, I/64, 32, 4], scales [E, H/16, I/group, 16]; mins / zeros like the scales, both or
+// neither. ns_gu / ns_dn 0 = the plan's slabs per CTA.
+std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w_gu,
+                      const at::Tensor& s_gu, const c10::optional<at::Tensor>& mn_gu,
+                      const c10::optional<at::Tensor>& zp_gu, const at::Tensor& w_dn, const at::Tensor& s_dn,
+                      const c10::optional<at::Tensor>& mn_dn, const c10::optional<at::Tensor>& zp_dn, at::Tensor& out,
+                      int64_t group, int64_t ns_gu, int64_t ns_dn) {
+  CHECK_MOE(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ", desc(x));
+  const int64_t T = x.size(0), H = x.size(1);
+  CHECK_MOE(T >= 1 && H % 64 == 0 && H > 0, "x [T, H] needs T >= 1 and H a multiple of 64, got ", desc(x));
+  CHECK_MOE(ids.dim() == 2 && ids.size(0) == T && ids.size(1) >= 1 &&
+                (ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong),
+            "topk_ids must be int32 or int64 [T, k] with T = ", T, " (x ", desc(x), "), got ", desc(ids));
+  const int64_t k = ids.size(1);
+  CHECK_MOE(T * k <= (1 << 24), "T k = ", T * k, " pairs is more than one launch takes (2^24)");
+  CHECK_MOE(weights.dim() == 2 && weights.size(0) == T && weights.size(1) == k &&
+                (weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type()),
+            "topk_weights must be [", T, ", ", k, "] float32 or ", c10::toString(x.scalar_type()), ", got ",
+            desc(weights));
+  CHECK_MOE(w_gu.dim() == 5 && w_gu.scalar_type() == at::kInt && w_gu.size(3) == 32 && w_gu.size(4) == 4,
+            "gate_up.w must be the repacked int32 [E, 2I/16, H/64, 32, 4] (m3edge.runtime.native.repack_experts), got ",
+            desc(w_gu));
+  const int64_t E = w_gu.size(0), I = w_gu.size(1) * 8;
+  CHECK_MOE(E >= 1 && E <= 1024, "E must be 1..1024 experts, got gate_up.w ", desc(w_gu));
+  CHECK_MOE(w_gu.size(2) * 64 == H, "gate_up.w ", desc(w_gu), " was repacked for H = ", w_gu.size(2) * 64,
+            " but x ", desc(x), " has H = ", H);
+  CHECK_MOE(I % 64 == 0 && I > 0, "the intermediate size I must be a multiple of 64, got I = ", I, " (gate_up.w ",
+            desc(w_gu), ")");
+  CHECK_MOE(group == 32 || group == 64 || group == 128 || group == -1,
+            "group must be 32, 64, 128 or -1 (per channel), got ", group);
+  CHECK_MOE(group == -1 || (H % group == 0 && I % group == 0), "group ", group, " must divide H = ", H,
+            " and I = ", I);
+  const int64_t G_gu = group == -1 ? 1 : H / group, G_dn = group == -1 ? 1 : I / group;
+  if (auto e = check_shape(w_dn, "down.w", {E, H / 16, I / 64, 32, 4}, "int32 [E, H/16, I/64, 32, 4]"); !e.empty())
+    return e;
+  CHECK_MOE(w_dn.scalar_type() == at::kInt, "down.w must be int32, got ", desc(w_dn));
+  CHECK_MOE(is_half(s_gu) && s_dn.scalar_type() == s_gu.scalar_type(),
+            "scales must be float16 or bfloat16, the same for gate_up and down, got ", desc(s_gu), " and ",
+            desc(s_dn));
+  if (auto e = check_shape(s_gu, "gate_up.scales", {E, I / 8, G_gu, 16}, "[E, 2I/16, G, 16]"); !e.empty()) return e;
+  if (auto e = check_shape(s_dn, "down.scales", {E, H / 16, G_dn, 16}, "[E, H/16, G, 16]"); !e.empty()) return e;
+  CHECK_MOE(mn_gu.has_value() == mn_dn.has_value() && zp_gu.has_value() == zp_dn.has_value(),
+            "gate_up and down must have the same form (both with mins, both with zeros, or neither)");
+  CHECK_MOE(!(mn_gu && zp_gu), "a weight has either a float minimum or a zero point, not both");
+  if (mn_gu) {
+    CHECK_MOE(mn_gu->scalar_type() == s_gu.scalar_type() && mn_dn->scalar_type() == s_gu.scalar_type(),
+              "mins must have the scales' dtype ", c10::toString(s_gu.scalar_type()), ", got ", desc(*mn_gu), " and ",
+              desc(*mn_dn));
+    if (auto e = check_shape(*mn_gu, "gate_up.mins", {E, I / 8, G_gu, 16}, "[E, 2I/16, G, 16]"); !e.empty()) return e;
+    if (auto e = check_shape(*mn_dn, "down.mins", {E, H / 16, G_dn, 16}, "[E, H/16, G, 16]"); !e.empty()) return e;
+  }
+  if (zp_gu) {
+    CHECK_MOE(zp_gu->scalar_type() == at::kByte && zp_dn->scalar_type() == at::kByte,
+              "zeros must be uint8 (zero point + 8), got ", desc(*zp_gu), " and ", desc(*zp_dn));
+    if (auto e = check_shape(*zp_gu, "gate_up.zeros", {E, I / 8, G_gu, 16}, "[E, 2I/16, G, 16]"); !e.empty()) return e;
+    if (auto e = check_shape(*zp_dn, "down.zeros", {E, H / 16, G_dn, 16}, "[E, H/16, G, 16]"); !e.empty()) return e;
+  }
+  CHECK_MOE((out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat) && out.dim() == 2 &&
+                out.size(0) == T && out.size(1) == H,
+            "out must be [", T, ", ", H, "] ", c10::toString(x.scalar_type()), " or Float, got ", desc(out));
+  CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
+            "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
+  CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
+            "ns_dn must be 0 (automatic), 1, 2, 4, 8 or 16, got ", ns_dn);
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {
+      {"x", &x}, {"topk_ids", &ids}, {"topk_weights", &weights}, {"gate_up.w", &w_gu}, {"gate_up.scales", &s_gu},
+      {"down.w", &w_dn}, {"down.scales", &s_dn}, {"out", &out}};
+  if (mn_gu) all.insert(all.end(), {{"gate_up.mins", &*mn_gu}, {"down.mins", &*mn_dn}});
+  if (zp_gu) all.insert(all.end(), {{"gate_up.zeros", &*zp_gu}, {"down.zeros", &*zp_dn}});
+  for (auto& [name, t] : all) CHECK_MOE(t->is_contiguous(), name, " ", desc(*t), " must be contiguous");
+  for (auto& [name, t] : all)
+    CHECK_MOE(t->is_cuda() && t->device() == x.device(), name, " ", desc(*t), " is on ", t->device().str(),
+              "; every tensor must be on the same CUDA device as x (", x.device().str(), ")");
+#ifdef M3E_NO_CUDA
+  return "cuda: moe_w4a16: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
+#else
+  for (auto& [name, t] : all)
+    CHECK_MOE((reinterpret_cast<uintptr_t>(t->data_ptr()) & 15) == 0, name, " ", desc(*t),
+              " must start 16-byte aligned (a view at an odd offset is not; pass a copy)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int dev = x.device().index();
+  m3e_moe_plan_t plan;
+  int rc = m3e_moe_plan((int)T, (int)k, (int)E, (int)H, (int)I, group == -1 ? 0 : (int)group, mn_gu || zp_gu,
+                        (int)ns_gu, (int)ns_dn, &plan);
+  if (rc != M3E_OK)
+    return cat("value: moe_w4a16 plan for x ", desc(x), ", gate_up.w ", desc(w_gu), ": ", m3e_error_string(rc));
+  ensure_workspace(dev, plan.slot_floats, plan.n_counters, x.options());
+  // per call, from torch's caching allocator (stream-ordered, no device allocation in steady state)
+  at::Tensor inter = at::empty({T * k, I}, x.options());
+  at::Tensor rows = at::empty({T * k}, x.options().dtype(at::kInt));
+  at::Tensor tiles = at::empty({(int64_t)(plan.tiles_gu + plan.tiles_dn) * 4}, x.options().dtype(at::kInt));
+  m3e_moe_args a;
+  a.x = x.data_ptr();
+  a.ids = ids.data_ptr();
+  a.weights = weights.data_ptr();
+  a.w_gu = reinterpret_cast<const uint32_t*>(w_gu.data_ptr());
+  a.s_gu = reinterpret_cast<const uint16_t*>(s_gu.data_ptr());
+  a.mn_gu = mn_gu ? reinterpret_cast<const uint16_t*>(mn_gu->data_ptr()) : nullptr;
+  a.zp_gu = zp_gu ? zp_gu->data_ptr<uint8_t>() : nullptr;
+  a.w_dn = reinterpret_cast<const uint32_t*>(w_dn.data_ptr());
+  a.s_dn = reinterpret_cast<const uint16_t*>(s_dn.data_ptr());
+  a.mn_dn = mn_dn ? reinterpret_cast<const uint16_t*>(mn_dn->data_ptr()) : nullptr;
+  a.zp_dn = zp_dn ? zp_dn->data_ptr<uint8_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.inter = inter.data_ptr();
+  a.rows = rows.data_ptr<int>();
+  a.tiles = tiles.data_ptr<int>();
+  a.slots = g_ws[dev].ws.data_ptr<float>();
+  a.counters = g_ws[dev].cnt.data_ptr<int>();
+  a.T = (int)T;
+  a.topk = (int)k;
+  a.E = (int)E;
+  a.H = (int)H;
+  a.I = (int)I;
+  a.group = group == -1 ? 0 : (int)group;
+  a.act_bf16 = x.scalar_type() == at::kBFloat16;
+  a.scale_bf16 = s_gu.scalar_type() == at::kBFloat16;
+  a.out_f32 = out.scalar_type() == at::kFloat;
+  a.ids_i64 = ids.scalar_type() == at::kLong;
+  a.weights_f32 = weights.scalar_type() == at::kFloat;
+  a.ns_gu = (int)ns_gu;
+  a.ns_dn = (int)ns_dn;
+  rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
+  if (rc != M3E_OK)
+    return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
+               ", down.w ", desc(w_dn), ", group ", group, "): ", m3e_error_string(rc),
+               rc == M3E_ERR_CUDA ? std::string(" (") + cudaGetErrorString(cudaGetLastError()) + ")" : "");
+  return "";
+#endif
+}
+
+// (ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn) that moe_w4a16 would use; empty when refused.
+std::vector<int64_t> moe_plan(int64_t T, int64_t topk, int64_t E, int64_t H, int64_t I, int64_t group, bool affine,
+                              int64_t ns_gu, int64_t ns_dn) {
+#ifdef M3E_NO_CUDA
+  return {};
+#else
+  m3e_moe_plan_t p;
+  if (m3e_moe_plan((int)T, (int)topk, (int)E, (int)H, (int)I, group == -1 ? 0 : (int)group, affine, (int)ns_gu,
+                   (int)ns_dn, &p) != M3E_OK)
+    return {};
+  return {p.ns_gu, p.mr_gu, p.ns_dn, p.mr_dn, p.tiles_gu, p.tiles_dn};
+#endif
+}
+
 // (m_tile, splits, grid_x, grid_y, workspace_floats, n_tile) that w4a16_gemm would use for a weight
 // of this group (-1 per channel) and form (affine: zero points or minimums): for the benchmark and
 // the tests. An empty list when the shape is refused.
@@ -190,6 +350,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0);
   m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
         py::arg("sms") = 132, py::arg("n_tile") = 0, py::arg("group") = 128, py::arg("affine") = false);
+  m.def("moe_w4a16", &moe_w4a16,
+        "fused int4 MoE (native/cuda/moe.cu): out = sum_j w[t, j] down_e(silu(gate_e(x)) * up_e(x)); returns an "
+        "error message or ''",
+        py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("w_gu"), py::arg("s_gu"),
+        py::arg("mn_gu"), py::arg("zp_gu"), py::arg("w_dn"), py::arg("s_dn"), py::arg("mn_dn"), py::arg("zp_dn"),
+        py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0);
+  m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
+        py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0);
 #ifdef M3E_NO_CUDA
   m.attr("has_cuda") = false;
 #else

@@ -22,6 +22,11 @@ repacked once at load into the kernels' layout (`repack`, torch, on any device):
 
 `repack_numpy` is the bit-exact reference of the weight layout, written from the table above one
 word at a time (tested against `repack` on the CPU).
+
+The routed experts of an MoE layer (`repack_experts`, `moe_w4a16`) are the same layout stacked over
+experts ([E, ...]), with each expert's gate and up rows interleaved by 16-row slabs (slab 2i = gate
+rows 16i..16i+15, slab 2i + 1 = the same rows of up) so that one CTA holds both halves of the
+outputs whose silu(gate) * up it writes.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from m3edge.model.packing import _unpack_rows
 from m3edge.model.scheme import Scheme
 
 ROOT = Path(__file__).resolve().parents[2] / "native"
-SOURCES = ["binder.cpp", "cuda/w4a16.cu", "cuda/w4a16_f16.cu", "cuda/w4a16_bf16.cu"]
-HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh", "cuda/w4a16_decode.cuh"]
+SOURCES = ["binder.cpp", "cuda/w4a16.cu", "cuda/w4a16_f16.cu", "cuda/w4a16_bf16.cu", "cuda/moe.cu",
+           "cuda/moe_f16.cu", "cuda/moe_bf16.cu"]
+HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh", "cuda/w4a16_decode.cuh", "cuda/moe.cuh"]
 # No -std: torch picks the standard its headers need (a different one than torch was built with broke
 # the ABI of c10's exceptions: the first error raised through the binder segfaulted, torch 2.11).
 CUDA_FLAGS = ["-O3", "-lineinfo"]
@@ -230,6 +236,76 @@ def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, 
         out = torch.empty(x2.shape[0], wt.n, dtype=x.dtype, device=x.device)
     raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile))
     return out.reshape(*lead, wt.n)
+
+
+@dataclass
+class W4Experts:
+    """The routed experts of one MoE layer in the kernels' layout: `W4Weights` whose tensors carry a
+    leading expert dimension (n, k are one expert's): gate_up [2I, H] with gate and up interleaved by
+    16-row slabs (module doc), down [H, I]."""
+
+    gate_up: W4Weights
+    down: W4Weights
+    n_experts: int
+
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert (weights, scales, mins / zero points): what a token's slot reads."""
+        return (self.gate_up.nbytes() + self.down.nbytes()) // self.n_experts
+
+
+def _stack(ws: list[W4Weights], what: str) -> W4Weights:
+    f = ws[0]
+    for w in ws:
+        if (w.n, w.k, w.group, w.scales.dtype, w.mins is None, w.zeros is None) != \
+                (f.n, f.k, f.group, f.scales.dtype, f.mins is None, f.zeros is None):
+            raise M3Error(f"every expert's {what} must have one shape and form, got [{w.n}, {w.k}] group {w.group} "
+                          f"and [{f.n}, {f.k}] group {f.group}")
+    opt = (lambda ts: None if ts[0] is None else torch.stack(ts).contiguous())
+    return W4Weights(torch.stack([w.w for w in ws]).contiguous(), torch.stack([w.scales for w in ws]).contiguous(),
+                     opt([w.mins for w in ws]), opt([w.zeros for w in ws]), f.n, f.k, f.group)
+
+
+def _interleave_slabs(g: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor | None:
+    """[N/16, ...] gate and up -> [2N/16, ...] with slab 2i = gate slab i, 2i + 1 = up slab i."""
+    return None if g is None else torch.stack([g, u], 1).reshape(2 * g.shape[0], *g.shape[1:])
+
+
+def repack_experts(gate: list[dict[str, torch.Tensor]], up: list[dict[str, torch.Tensor]],
+                   down: list[dict[str, torch.Tensor]], scheme: Scheme) -> W4Experts:
+    """Per-expert pack-quantized gate_proj, up_proj, down_proj (as stored on disk, one tensor set per
+    expert) -> the MoE kernels' stacked layout. Every expert has the same shape and scheme."""
+    if not (len(gate) == len(up) == len(down) >= 1):
+        raise M3Error(f"need as many gate, up and down projections (>= 1), got {len(gate)}, {len(up)}, {len(down)}")
+    gu = []
+    for e, (tg, tu) in enumerate(zip(gate, up)):
+        g, u = repack(tg, scheme), repack(tu, scheme)
+        if (g.n, g.k) != (u.n, u.k) or g.scales.dtype != u.scales.dtype:
+            raise M3Error(f"expert {e}: gate [{g.n}, {g.k}] {g.scales.dtype} and up [{u.n}, {u.k}] {u.scales.dtype} "
+                          "must match")
+        gu.append(W4Weights(_interleave_slabs(g.w, u.w), _interleave_slabs(g.scales, u.scales),
+                            _interleave_slabs(g.mins, u.mins), _interleave_slabs(g.zeros, u.zeros), 2 * g.n, g.k,
+                            g.group))
+    ex = W4Experts(_stack(gu, "gate_up"), _stack([repack(t, scheme) for t in down], "down"), len(gate))
+    if (ex.down.n, ex.down.k) != (ex.gate_up.k, ex.gate_up.n // 2) or ex.down.scales.dtype != ex.gate_up.scales.dtype:
+        raise M3Error(f"down [{ex.down.n}, {ex.down.k}] must be [H, I] = [{ex.gate_up.k}, {ex.gate_up.n // 2}] with "
+                      "the gate's scale dtype")
+    return ex
+
+
+def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: W4Experts,
+              out: torch.Tensor | None = None, ns_gu: int = 0, ns_dn: int = 0) -> torch.Tensor:
+    """The routed experts of an MoE layer, fused (native/cuda/moe.cu): x [T, H] fp16/bf16, topk_ids
+    [T, k] int32/int64, topk_weights [T, k] float32 or x's dtype -> [T, H] = sum_j topk_weights[t, j] *
+    down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]; an id outside [0, E) adds nothing.
+    The intermediate silu(gate) * up is rounded to x's dtype (as the model's bf16 expert does); the
+    slots are summed in fp32 in slot order. `out` may be given ([T, H], x's dtype or float32).
+    ns_gu / ns_dn override the slabs per CTA of the two launches (0 = the plan's)."""
+    if out is None:
+        out = torch.empty(x.shape[0], experts.gate_up.k, dtype=x.dtype, device=x.device)
+    gu, dn = experts.gate_up, experts.down
+    raise_for(load().moe_w4a16(x, topk_ids, topk_weights, gu.w, gu.scales, gu.mins, gu.zeros, dn.w, dn.scales,
+                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn))
+    return out
 
 
 def raise_for(msg: str) -> None:

@@ -22,6 +22,7 @@ enum m3e_status {
   M3E_ERR_WORKSPACE = 4,  // split-K needs a workspace and counters that the plan sized
   M3E_ERR_CUDA = 5,       // a CUDA call or the launch failed (cudaGetLastError)
   M3E_ERR_ARG = 6,        // a null pointer or a flag out of range
+  M3E_ERR_SMEM = 7,       // MoE: one token row of K does not fit a CTA's shared memory (no split-K)
 };
 
 const char* m3e_error_string(int code);
@@ -69,6 +70,57 @@ int m3e_w4a16_plan(int M, int N, int K, int group, int affine, int sms, int spli
 
 // Launch on `stream` (a cudaStream_t). args->splits must be the plan's.
 int m3e_w4a16_gemm(const m3e_w4a16_args* args, void* stream);
+
+// Fused int4 MoE, the routed experts of one layer (the shared expert is a plain GEMM):
+//   out[t] = sum_j w[t, j] down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = ids[t, j], j < topk
+// in three launches on `stream`: the grouping of the T topk (token, slot) pairs by expert (a stable
+// counting sort, one CTA), gate+up for every pair (SiLU-and-multiply fused, intermediate [T topk, I]
+// in x's type), down with the routing weight applied and the slots summed in slot order. An id
+// outside [0, E) is no expert: its slot adds nothing (expert parallelism marks remote experts so).
+// Weights as m3e_w4a16_gemm's, stacked over experts, with gate and up interleaved by 16-row slabs
+// (slab 2i = gate rows 16i..16i+15, slab 2i + 1 = the same rows of up):
+//   w_gu uint32 [E][2I/16][H/64][32][4], s_gu / mn_gu uint16 [E][2I/16][H/group][16], zp_gu uint8 same
+//   w_dn uint32 [E][H/16][I/64][32][4],  s_dn / mn_dn uint16 [E][H/16][I/group][16],  zp_dn uint8 same
+// (G = 1 per channel). Both have the same form: scales only, zero points, or float minimums.
+typedef struct {
+  const void* x;             // [T, H] fp16 or bf16 (act_bf16)
+  const void* ids;           // [T, topk] int32, or int64 (ids_i64)
+  const void* weights;       // [T, topk] fp32 (weights_f32) or x's type
+  const uint32_t* w_gu;
+  const uint16_t* s_gu;
+  const uint16_t* mn_gu;     // or NULL
+  const uint8_t* zp_gu;      // or NULL
+  const uint32_t* w_dn;
+  const uint16_t* s_dn;
+  const uint16_t* mn_dn;
+  const uint8_t* zp_dn;
+  void* out;                 // [T, H], x's type or fp32 (out_f32)
+  void* inter;               // [T topk, I] x's type: silu(gate) * up per pair
+  int* rows;                 // [T topk]: the pairs sorted by expert
+  int* tiles;                // [plan tiles_gu + tiles_dn][4]
+  float* slots;              // plan's slot_floats: the routing-weighted down output per pair
+  int* counters;             // plan's n_counters, zero before the first call (left zero)
+  int T, topk, E, H, I;
+  int group;                 // 32, 64, 128, or 0 = per output channel
+  int act_bf16, scale_bf16, out_f32, ids_i64, weights_f32;
+  int ns_gu, ns_dn;          // slabs per CTA of each launch as given to m3e_moe_plan (0 = its choice)
+} m3e_moe_args;
+
+typedef struct {
+  int ns_gu, mr_gu;          // gate+up: slabs (16 rows) per CTA, token rows per tile
+  int ns_dn, mr_dn;          // down: likewise
+  int tiles_gu, tiles_dn;    // token tiles each launch is sized for (its grid's x)
+  size_t slot_floats;        // T topk H
+  int n_counters;            // T H / (16 ns_dn)
+} m3e_moe_plan_t;
+
+// Tile choice for a shape and weight form (affine: zero points or minimums): ns_gu_req / ns_dn_req
+// > 0 force the slabs per CTA (even for gate+up; the benchmark's sweep, the tests' coverage);
+// the token rows per tile are then the most (8, 4, 2, 1) whose shared memory fits.
+int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, int ns_gu_req, int ns_dn_req,
+                 m3e_moe_plan_t* plan);
+
+int m3e_moe_w4a16(const m3e_moe_args* args, void* stream);
 
 #ifdef __cplusplus
 }

@@ -110,6 +110,21 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Programmatic dependent launch (PTX ISA griddepcontrol, sm_90; compiled out below, where the
+// launch attribute is not set either). wait: the grids this one depends on have completed and their
+// memory is visible (returns at once when launched without the attribute); launch_dependents: the
+// next launch of the stream may start its CTAs (they run up to their own wait).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // 16-bit float bits -> float.
 __device__ __forceinline__ float bits_to_float(uint32_t u, bool bf16) {
   return bf16 ? __uint_as_float(u << 16) : __half2float(__ushort_as_half(static_cast<unsigned short>(u)));

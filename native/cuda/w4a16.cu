@@ -23,17 +23,8 @@ extern "C" const char* m3e_error_string(int code) {
     case M3E_ERR_WORKSPACE: return "split-K needs the plan's workspace and zeroed counters";
     case M3E_ERR_CUDA: return "a CUDA call or kernel launch failed";
     case M3E_ERR_ARG: return "a required pointer is null, or a flag, n_tile or splits is not the plan's";
+    case M3E_ERR_SMEM: return "one token row of K does not fit the shared memory of a CTA (the MoE kernels have no split-K)";
     default: return "unknown error";
-  }
-}
-
-static int group_shift(int group) {
-  switch (group) {
-    case 32: return 5;
-    case 64: return 6;
-    case 128: return 7;
-    case 0: return 31;  // per channel: k >> 31 is 0 for every k
-    default: return -1;
   }
 }
 
@@ -101,8 +92,6 @@ extern "C" int m3e_w4a16_plan(int M, int N, int K, int group, int affine, int sm
   plan->n_counters = splits > 1 ? gx * gy : 0;
   return M3E_OK;
 }
-
-static bool misaligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; }
 
 extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   if (!a || !a->x || !a->w || !a->scales || !a->out) return M3E_ERR_ARG;

@@ -79,7 +79,28 @@ struct Params {
   // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
   // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
   int ns, wk_shift, xstride, gs, sm_meta, sm_raw_s, sm_raw_2, sm_ring;
+  // fused MoE launches of the decode kernel only (moe.cu): w/s/mn/zp are stacked over experts; the
+  // (token, slot) pairs t topk + j sorted by expert; one token tile per CTA column {expert, first
+  // entry of moe_rows, rows (0: no work), 0}; the routing weights [T topk], fp32 (rw_f32) or the
+  // activations' 16-bit type
+  const int* moe_rows;
+  const int4* moe_tiles;
+  const void* moe_rw;
+  int topk, rw_f32;
 };
+
+// log2(group) for the kernels (31 per channel: k >> 31 is 0 for every k), -1 for an unsupported group.
+static inline int group_shift(int group) {
+  switch (group) {
+    case 32: return 5;
+    case 64: return 6;
+    case 128: return 7;
+    case 0: return 31;
+    default: return -1;
+  }
+}
+
+static inline bool misaligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; }
 
 template <bool BF16>
 __device__ __forceinline__ void store(const Params& p, size_t i, float v) {

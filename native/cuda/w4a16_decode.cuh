@@ -18,6 +18,11 @@
 //   x[M][slice] in shared memory (cp.async, once) -> ldmatrix.x4 -> B fragments (2 per block)
 //   C fragments of the WK warps of a slab -> shared memory -> summed in warp order -> out; with
 //   split-K, a partial that the slice's last CTA sums in slice order (deterministic, as the tiles do)
+//
+// The fused MoE pair (moe.cu) is this kernel with another epilogue (EPI): grid = (token tiles, N
+// tiles), each CTA one expert's slabs for up to 8 (token, slot) rows gathered from the grouped list,
+// no split-K; gate+up writes silu(gate) * up, down the routing-weighted slot outputs and the last
+// of a token's slots to arrive sums them in slot order.
 #pragma once
 
 #include "w4a16.cuh"
@@ -38,6 +43,17 @@ constexpr int DECODE_SMEM_MAX = 96 << 10;  // fits the 99 KB a block may have on
 constexpr int DECODE_X_MAX = 32 << 10;
 
 static inline int align16(int b) { return (b + 15) & ~15; }
+
+// What a decode CTA does with its sums: the GEMM's store (with split-K), or one of the fused MoE
+// pair's epilogues (moe.cu).
+enum Epilogue { EPI_GEMM = 0, EPI_GATE_UP = 1, EPI_DOWN = 2 };
+
+// The routing weight of pair i, fp32 or the activations' 16-bit type.
+template <bool BF16>
+__device__ __forceinline__ float route_weight(const Params& p, int i) {
+  return p.rw_f32 ? static_cast<const float*>(p.moe_rw)[i]
+                  : bits_to_float(static_cast<const uint16_t*>(p.moe_rw)[i], BF16);
+}
 
 // Groups a slice of 64 cps k can touch: cps * 64 >> gshift, plus one when a group-128 slice starts
 // mid group (gshift 31 = per channel: one).
@@ -71,16 +87,47 @@ struct DecodeSmem {
 // BF16: activation dtype. AFFINE: w = u s + m with u = q + 8 in [0, 15]: the float-minimum form, and
 // the zero-point form with m = -s (z + 8); one more mma per step with A = ones gives sum_k x (as in
 // the tile kernel), and m sum_k x is added per half block. 2 CTAs per SM: 64 registers (48 / 64 used).
-template <bool BF16, bool AFFINE>
+// EPI: the epilogue (Epilogue); the MoE ones read their rows and expert from the tile list.
+template <bool BF16, bool AFFINE, int EPI>
 __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
+  constexpr bool MOE = EPI != EPI_GEMM;
   constexpr int E = AFFINE ? 16 : 8;  // meta entry bytes
   const uint32_t sb = smem_u32(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wks = p.wk_shift, wk = 1 << wks, ns = p.ns, sl = warp >> wks, kp = warp & (wk - 1);
-  const int rows = p.M, K = p.K, cps = p.cps, gshift = p.gshift, gs = p.gs, xstride = p.xstride;
-  const int slab0 = blockIdx.x * ns, kb_lo = blockIdx.y * cps;
+  const int K = p.K, cps = p.cps, gshift = p.gshift, gs = p.gs, xstride = p.xstride;
+  // GEMM: grid (N tiles, splits). MoE: grid (token tiles, N tiles), one slice, the tile's expert
+  int rows = p.M, row0 = 0, expert = 0;
+  if constexpr (EPI == EPI_GATE_UP) {
+    // launched dependent on the grouping (sm_90): its tiles are read next; once every gate+up CTA is
+    // past this point the grouping is complete, and down's CTAs may start streaming their weights
+    pdl_wait();
+    pdl_launch_dependents();
+  }
+  if constexpr (MOE) {
+    const int4 t = p.moe_tiles[blockIdx.x];
+    if (t.z == 0) return;  // past the last tile (the grid is sized for the worst case)
+    expert = t.x;
+    row0 = t.y;
+    rows = t.z;
+  }
+  const int ntile = MOE ? blockIdx.y : blockIdx.x;
+  const int slab0 = ntile * ns, kb_lo = MOE ? 0 : blockIdx.y * cps;
+  // the expert's weights: [E][N/16][K/64][32] uint4, scales / minimums / zero points [E][N/16][G][16]
+  const uint4* pw = p.w + (size_t)expert * (p.N / 16) * (K / 64) * 32;
+  const size_t meta_e = (size_t)expert * p.N * p.G;
+  // a row of x: the GEMM's row r; gate+up: the token of the r-th pair of the tile; down: that pair's
+  // row of the intermediate
+  auto xrow = [&](int r) -> const uint16_t* {
+    if constexpr (MOE) {
+      const int pr = p.moe_rows[row0 + r];
+      return p.x + (size_t)(EPI == EPI_GATE_UP ? pr / p.topk : pr) * K;
+    } else {
+      return p.x + (size_t)r * K;
+    }
+  };
   const int nkb = min(cps, K / 64 - kb_lo);                    // the slice's blocks, >= 1
   const int nb = nkb > kp ? (nkb - kp + wk - 1) >> wks : 0;    // this warp's: kp, kp + wk, ...
   const int g_lo = (kb_lo * 64) >> gshift;
@@ -89,16 +136,20 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // 1. the small inputs first, so that their DRAM requests queue ahead of the weights': the slice's
   //    x rows and its groups' scales and minimums / zero points, as stored
   // (loops not unrolled: they run about once per thread, and unrolling adds remainder bookkeeping)
+  auto stage_x = [&]() {
 #pragma unroll 1
-  for (int r = 0; r < rows; ++r)
+    for (int r = 0; r < rows; ++r) {
+      const uint16_t* xr = xrow(r) + kb_lo * 64;
 #pragma unroll 1
-    for (int c = tid; c < nkb * 8; c += DTHREADS)
-      cp_async16(sb + (r * xstride + c * 8) * 2, p.x + (size_t)r * K + kb_lo * 64 + c * 8);
+      for (int c = tid; c < nkb * 8; c += DTHREADS) cp_async16(sb + (r * xstride + c * 8) * 2, xr + c * 8);
+    }
+  };
+  if constexpr (EPI != EPI_DOWN) stage_x();
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)  // 16 scales of a (slab, group): two 16-byte granules
 #pragma unroll 1
     for (int c = tid; c < gn * 2; c += DTHREADS) {
-      const size_t src = ((size_t)(slab0 + s) * p.G + g_lo) * 16 + c * 8;
+      const size_t src = meta_e + ((size_t)(slab0 + s) * p.G + g_lo) * 16 + c * 8;
       cp_async16(sb + p.sm_raw_s + (s * gs * 2 + c) * 16, p.s + src);
       if (AFFINE && p.mn) cp_async16(sb + p.sm_raw_2 + (s * gs * 2 + c) * 16, p.mn + src);
       if (AFFINE && p.zp && c % 2 == 0) cp_async16(sb + p.sm_raw_2 + (s * gs + c / 2) * 16, p.zp + src);
@@ -108,7 +159,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // 2. this warp's first DU blocks, one commit group each. cp.async rather than loads to registers:
   //    ptxas sank such loads below the barrier of step 3 (v9), and their order behind the group
   //    above is what keeps the weights in flight while x and the scales arrive
-  const uint4* wn = p.w + ((size_t)(slab0 + sl) * (K / 64) + kb_lo + kp) * 32 + lane;
+  const uint4* wn = pw + ((size_t)(slab0 + sl) * (K / 64) + kb_lo + kp) * 32 + lane;
   const int wstep = wk * 32;                                       // uint4 between this warp's blocks
   const uint32_t ring = sb + p.sm_ring + (warp * DU * 32 + lane) * 16;  // slot u at + 512 u
 #pragma unroll
@@ -118,8 +169,17 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   }
   wn += DU * wstep;
 
-  // 3. expand the scales (and minimums) per 32-k half block while the weights are in flight
-  cp_async_wait<DU>();
+  // 3. expand the scales (and minimums) per 32-k half block while the weights are in flight. Down's
+  //    x is gate+up's output: with the dependent launch (sm_90) its CTAs get here while gate+up
+  //    drains, so x is requested only after the wait, and all groups are awaited (x is the last)
+  if constexpr (EPI == EPI_DOWN) {
+    pdl_wait();
+    stage_x();
+    cp_async_commit();
+    cp_async_wait<0>();
+  } else {
+    cp_async_wait<DU>();
+  }
   __syncthreads();
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)
@@ -228,16 +288,65 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
 #pragma unroll
   for (int j = 0; j < 4; ++j) red[(warp * 4 + j) * 32 + lane] = acc[j];
   __syncthreads();
-  const int nrow = 16 * ns, nout = nrow * rows;
-  const int tile = blockIdx.x, n0 = slab0 * 16;
-  float* mine = p.splits > 1 ? p.ws + ((size_t)tile * p.splits + blockIdx.y) * nout : nullptr;
-  for (int i = tid; i < nout; i += DTHREADS) {
-    const int m = i / nrow, nl = i - m * nrow, s = nl >> 4, r = nl & 15;
+  // the sum over the WK warps of slab s, row r of the slab, column m, in warp order
+  auto reduced = [&](int s, int r, int m) {
     // C fragment (ptx.cuh mma16816): row r = g or g + 8 of the slab, column m = 2t or 2t + 1
     const int ln = (r & 7) * 4 + (m >> 1), j = (r >> 3) * 2 + (m & 1);
     const float* src = red + ((s << wks) * 4 + j) * 32 + ln;
     float v = 0.f;
     for (int k = 0; k < wk; ++k) v += src[k * 128];
+    return v;
+  };
+  const int nrow = 16 * ns, nout = nrow * rows, n0 = slab0 * 16;
+
+  if constexpr (EPI == EPI_GATE_UP) {
+    // slabs 2i and 2i + 1 of the CTA are the gate and up rows of the same 16 outputs (the repack
+    // interleaves them: moe.cu), so silu(gate) * up is computed here, in fp32, rounded once to the
+    // intermediate's type; output index fastest for coalesced stores
+    const int nh = nrow / 2, inter = p.N / 2;
+    for (int i = tid; i < nh * rows; i += DTHREADS) {
+      const int m = i / nh, c = i - m * nh, s = 2 * (c >> 4), r = c & 15;
+      const float g = reduced(s, r, m), u = reduced(s + 1, r, m);
+      store<BF16>(p, (size_t)p.moe_rows[row0 + m] * inter + n0 / 2 + c, g / (1.f + expf(-g)) * u);
+    }
+    return;
+  }
+
+  if constexpr (EPI == EPI_DOWN) {
+    // each pair's routing-weighted output goes to its slot row of the workspace [T topk][N] (fp32);
+    // the CTA that brings a token's arrival count (per token and N tile) to topk sums the token's
+    // slots in slot order: deterministic, one launch (the fence pattern of the split-K fixup)
+    __shared__ int s_token[DECODE_MAX_M];  // the token this CTA completes per row, or -1
+    for (int i = tid; i < nout; i += DTHREADS) {
+      const int m = i / nrow, nl = i - m * nrow, pr = p.moe_rows[row0 + m];
+      p.ws[(size_t)pr * p.N + n0 + nl] = reduced(nl >> 4, nl & 15, m) * route_weight<BF16>(p, pr);
+    }
+    __syncthreads();
+    if (tid < rows) {
+      const int t = p.moe_rows[row0 + tid] / p.topk;
+      int* c = p.cnt + (size_t)t * gridDim.y + ntile;
+      __threadfence();
+      const bool last = atomicAdd(c, 1) == p.topk - 1;
+      if (last) *c = 0;  // every slot has arrived: zero for the next call
+      s_token[tid] = last ? t : -1;
+      __threadfence();
+    }
+    __syncthreads();
+    for (int i = tid; i < nout; i += DTHREADS) {
+      const int m = i / nrow, nl = i - m * nrow, t = s_token[m];
+      if (t < 0) continue;
+      const float* src = p.ws + (size_t)t * p.topk * p.N + n0 + nl;
+      float v = 0.f;
+      for (int j = 0; j < p.topk; ++j) v += __ldcg(src + (size_t)j * p.N);
+      store<BF16>(p, (size_t)t * p.N + n0 + nl, v);
+    }
+    return;
+  }
+
+  float* mine = p.splits > 1 ? p.ws + ((size_t)ntile * p.splits + blockIdx.y) * nout : nullptr;
+  for (int i = tid; i < nout; i += DTHREADS) {
+    const int m = i / nrow, nl = i - m * nrow;
+    const float v = reduced(nl >> 4, nl & 15, m);
     if (p.splits == 1)
       store<BF16>(p, (size_t)m * p.N + n0 + nl, v);
     else
@@ -250,27 +359,43 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   __syncthreads();
   if (tid == 0) {
     __threadfence();
-    s_last = atomicAdd(p.cnt + tile, 1) == p.splits - 1;
+    s_last = atomicAdd(p.cnt + ntile, 1) == p.splits - 1;
     __threadfence();
   }
   __syncthreads();
   if (!s_last) return;
-  const float* all = p.ws + (size_t)tile * p.splits * nout;
+  const float* all = p.ws + (size_t)ntile * p.splits * nout;
   for (int i = tid; i < nout; i += DTHREADS) {
     const int m = i / nrow, nl = i - m * nrow;
     float v = 0.f;
     for (int z = 0; z < p.splits; ++z) v += __ldcg(all + (size_t)z * nout + i);
     store<BF16>(p, (size_t)m * p.N + n0 + nl, v);
   }
-  if (tid == 0) p.cnt[tile] = 0;
+  if (tid == 0) p.cnt[ntile] = 0;
 }
 
-template <bool BF16, bool AFFINE>
-int launch_decode(const Params& p, dim3 grid, int smem, cudaStream_t stream) {
-  auto kern = w4a16_decode_kernel<BF16, AFFINE>;
+// pdl: launch as a programmatic dependent of the stream's previous kernel (sm_90 only; the MoE
+// launches: pdl_wait / pdl_launch_dependents in the kernel say what may overlap).
+template <bool BF16, bool AFFINE, int EPI = EPI_GEMM>
+int launch_decode(const Params& p, dim3 grid, int smem, cudaStream_t stream, bool pdl = false) {
+  auto kern = w4a16_decode_kernel<BF16, AFFINE, EPI>;
   static bool opted[64] = {};
   if (int rc = opt_in_smem(kern, DECODE_SMEM_MAX, opted); rc != M3E_OK) return rc;
-  kern<<<grid, DTHREADS, smem, stream>>>(p);
+  if (!pdl) {
+    kern<<<grid, DTHREADS, smem, stream>>>(p);
+  } else {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(DTHREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return M3E_ERR_CUDA;
+  }
   return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 

@@ -1,0 +1,244 @@
+// Fused int4 MoE: the grouping of (token, slot) pairs by expert on the GPU, the plan, and the entry
+// point that launches grouping, gate+up and down (m3e_api.cuh states the contract).
+//
+//   ids [T, topk] --group--> rows: pairs t topk + j sorted by expert (stable), tiles: per expert
+//                            ceil(count / MR) tiles of <= MR consecutive entries, zero-row tiles after
+//   x [T, H] --gate+up--> inter [T topk, I] = silu(x[t] Wg_e^T) * (x[t] Wu_e^T)    (grid: tiles x 2I/16ns)
+//   inter  --down--> slots [T topk, H] = w[t, j] inter Wd_e^T; a token's last slot to arrive writes
+//                    out[t] = sum_j slots[t topk + j] in slot order                  (grid: tiles x H/16ns)
+//
+// Both GEMM launches are the decode kernel (w4a16_decode.cuh) with a MoE epilogue: per CTA one
+// expert's slabs and up to 8 gathered rows, x staged once, the weights streamed through the per-lane
+// ring; at one token every active expert's bytes are read once, as a bandwidth-bound decode needs.
+// Many tokens per expert re-read an expert's slabs once per tile of 8 (or fewer) rows: the mma tile
+// kernel's path for prefill-sized groups is not built (README).
+#include "moe.cuh"
+
+namespace m3e {
+namespace w4 {
+
+constexpr int GROUP_THREADS = 1024;
+
+// One CTA. Warp w handles experts w, w + 32, ...: a ballot over 32 pairs at a time counts them
+// (pass 1), then scatters them at their rank among the expert's pairs (pass 3), so the list is the
+// same for the same ids (the outputs do not depend on the launch's timing). An id outside [0, E)
+// joins no list; its slot's output row is zeroed and counted as arrived for the down launch.
+__global__ void __launch_bounds__(GROUP_THREADS) moe_group_kernel(const void* ids, int ids_i64, int n, int topk,
+                                                                  int E, int mr_gu, int nt_gu, int mr_dn, int nt_dn,
+                                                                  int H, int gy_dn, int* rows, int4* tiles,
+                                                                  float* slots, int* counters) {
+  pdl_launch_dependents();  // gate+up's CTAs may start; they wait for this grid before reading its output
+  extern __shared__ int sh[];  // [6][E]: pairs, gate+up tiles, down tiles per expert; their exclusive prefix sums
+  int *cnt = sh, *ngu = sh + E, *ndn = sh + 2 * E, *off = sh + 3 * E, *tg = sh + 4 * E, *td = sh + 5 * E;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, nw = GROUP_THREADS / 32;
+  auto id = [&](int i) {
+    return ids_i64 ? (long long)static_cast<const long long*>(ids)[i] : (long long)static_cast<const int*>(ids)[i];
+  };
+  // 1. pairs per expert, and the tiles they make in each launch
+  for (int e = warp; e < E; e += nw) {
+    int c = 0;
+    for (int p0 = 0; p0 < n; p0 += 32) c += __popc(__ballot_sync(~0u, p0 + lane < n && id(p0 + lane) == e));
+    if (lane == 0) {
+      cnt[e] = c;
+      ngu[e] = (c + mr_gu - 1) / mr_gu;
+      ndn[e] = (c + mr_dn - 1) / mr_dn;
+    }
+  }
+  __syncthreads();
+  // 2. exclusive prefix sums (E is small: a loop per thread, no division in it)
+  for (int e = tid; e < E; e += GROUP_THREADS) {
+    int o = 0, a = 0, b = 0;
+    for (int f = 0; f < e; ++f) {
+      o += cnt[f];
+      a += ngu[f];
+      b += ndn[f];
+    }
+    off[e] = o;
+    tg[e] = a;
+    td[e] = b;
+  }
+  __syncthreads();
+  // 3. the sorted list, in pair order within each expert
+  for (int e = warp; e < E; e += nw) {
+    int base = off[e];
+    for (int p0 = 0; p0 < n; p0 += 32) {
+      const bool hit = p0 + lane < n && id(p0 + lane) == e;
+      const unsigned m = __ballot_sync(~0u, hit);
+      if (hit) rows[base + __popc(m & ((1u << lane) - 1))] = p0 + lane;
+      base += __popc(m);
+    }
+  }
+  // 4. the tiles of each launch, then zero-row tiles up to the grid's size
+  for (int e = tid; e < E; e += GROUP_THREADS) {
+    const int c = cnt[e];
+    for (int i = 0; i * mr_gu < c; ++i) tiles[tg[e] + i] = make_int4(e, off[e] + i * mr_gu, min(mr_gu, c - i * mr_gu), 0);
+    for (int i = 0; i * mr_dn < c; ++i)
+      tiles[nt_gu + td[e] + i] = make_int4(e, off[e] + i * mr_dn, min(mr_dn, c - i * mr_dn), 0);
+  }
+  const int used_gu = tg[E - 1] + ngu[E - 1], used_dn = td[E - 1] + ndn[E - 1];
+  for (int i = used_gu + tid; i < nt_gu; i += GROUP_THREADS) tiles[i] = make_int4(0, 0, 0, 0);
+  for (int i = used_dn + tid; i < nt_dn; i += GROUP_THREADS) tiles[nt_gu + i] = make_int4(0, 0, 0, 0);
+  // 5. pairs of no expert: a zero slot, arrived in every N tile of the down launch (which runs after)
+  for (int p = warp; p < n; p += nw) {
+    const long long e = id(p);
+    if (e >= 0 && e < E) continue;
+    for (int c = lane; c < H; c += 32) slots[(size_t)p * H + c] = 0.f;
+    for (int y = lane; y < gy_dn; y += 32) atomicAdd(counters + (size_t)(p / topk) * gy_dn + y, 1);
+  }
+}
+
+// Token tiles of MR rows that can be needed: sum_e ceil(c_e / MR) over the experts that have pairs
+// is at most (n + (MR - 1) min(E, n)) / MR.
+static int tile_bound(int n, int E, int mr) { return (n + (mr - 1) * (E < n ? E : n)) / mr; }
+
+// Slabs per CTA and token rows per tile for one launch: the requested slabs, or the first of the
+// candidates (most preferred first) that divides N / 16 and fits; then the most token rows whose
+// shared memory fits (x is staged whole: no split-K in the MoE launches).
+struct Slabs {
+  int n[4];  // slabs per CTA in order of preference, 0 = none
+};
+static int moe_tile(int N, int K, int gshift, bool affine, int ns_req, Slabs pref, bool pairs, int* ns, int* mr) {
+  const int G = gshift == 31 ? 1 : K >> gshift;
+  if (ns_req > 0) pref = {{ns_req, 0, 0, 0}};
+  for (int n : pref.n) {
+    if (n == 0) break;
+    if (n < 1 || n > DWARPS || (n & (n - 1)) || (N / 16) % n || (pairs && n % 2)) {
+      if (ns_req > 0) return M3E_ERR_ARG;
+      continue;
+    }
+    for (int m = DECODE_MAX_M; m >= 1; m /= 2)
+      if (DecodeSmem(m, n, K / 64, gshift, G, affine, false).total <= DECODE_SMEM_MAX) {
+        *ns = n;
+        *mr = m;
+        return M3E_OK;
+      }
+  }
+  return M3E_ERR_SMEM;
+}
+
+}  // namespace w4
+}  // namespace m3e
+
+using namespace m3e::w4;
+
+// Defaults, from the sweep at H = 4096, I = 1536 (NOTES.md, MoE): down 8 slabs per CTA (its K = I =
+// 1536 is 24 blocks: 12 per warp rather than 1.5 with one slab; 8 beat 4 by 4-13 us at T = 1..16);
+// gate+up 4 slabs up to 4 tokens (token tiles of 2 rows fit then; 2-4 us faster), else 2 (tiles of
+// 4 rows, 34 us faster at T = 16).
+extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, int ns_gu_req,
+                            int ns_dn_req, m3e_moe_plan_t* plan) {
+  if (!plan) return M3E_ERR_ARG;
+  if (T < 1 || topk < 1 || E < 1 || H < 64 || I < 64 || H % 64 || I % 64) return M3E_ERR_SHAPE;
+  const int gshift = group_shift(group);
+  if (gshift < 0 || (group && (H % group || I % group))) return M3E_ERR_GROUP;
+  if ((long long)T * topk > (1 << 24)) return M3E_ERR_SHAPE;
+  int rc = moe_tile(2 * I, H, gshift, affine != 0, ns_gu_req, T <= 4 ? Slabs{{4, 2, 0, 0}} : Slabs{{2, 4, 0, 0}}, true,
+                    &plan->ns_gu, &plan->mr_gu);
+  if (rc != M3E_OK) return rc;
+  rc = moe_tile(H, I, gshift, affine != 0, ns_dn_req, Slabs{{8, 4, 2, 1}}, false, &plan->ns_dn, &plan->mr_dn);
+  if (rc != M3E_OK) return rc;
+  const int n = T * topk;
+  plan->tiles_gu = tile_bound(n, E, plan->mr_gu);
+  plan->tiles_dn = tile_bound(n, E, plan->mr_dn);
+  plan->slot_floats = (size_t)n * H;
+  plan->n_counters = T * (H / (16 * plan->ns_dn));
+  return M3E_OK;
+}
+
+// The decode kernel's Params for one MoE launch (the decode path of m3e_w4a16_gemm, one slice).
+static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool has_min, bool has_zp, int* smem) {
+  const int G = gshift == 31 ? 1 : K >> gshift;
+  const DecodeSmem L(mr, ns, K / 64, gshift, G, has_min, has_zp);
+  if (L.total > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
+  p.M = mr;
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.gshift = gshift;
+  p.gmask = gshift == 31 ? 0x7fffffff : (1 << gshift) - 1;
+  p.splits = 1;
+  p.cps = K / 64;
+  p.ns = ns;
+  p.wk_shift = 0;
+  while ((ns << (p.wk_shift + 1)) <= DWARPS) p.wk_shift++;  // log2(DWARPS / ns)
+  p.xstride = K + 8;
+  p.gs = L.gs;
+  p.sm_meta = L.meta;
+  p.sm_raw_s = L.raw_s;
+  p.sm_raw_2 = L.raw_2;
+  p.sm_ring = L.ring;
+  *smem = L.total;
+  return M3E_OK;
+}
+
+extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
+  if (!a || !a->x || !a->ids || !a->weights || !a->w_gu || !a->s_gu || !a->w_dn || !a->s_dn || !a->out ||
+      !a->inter || !a->rows || !a->tiles || !a->slots || !a->counters)
+    return M3E_ERR_ARG;
+  for (int f : {a->act_bf16, a->scale_bf16, a->out_f32, a->ids_i64, a->weights_f32})
+    if (f < 0 || f > 1) return M3E_ERR_ARG;
+  const bool has_min = a->mn_gu != nullptr, has_zp = a->zp_gu != nullptr;
+  if (has_min != (a->mn_dn != nullptr) || has_zp != (a->zp_dn != nullptr) || (has_min && has_zp)) return M3E_ERR_ARG;
+  m3e_moe_plan_t plan;
+  if (int rc = m3e_moe_plan(a->T, a->topk, a->E, a->H, a->I, a->group, has_min || has_zp, a->ns_gu, a->ns_dn, &plan);
+      rc != M3E_OK)
+    return rc;
+  for (const void* q : {a->x, (const void*)a->w_gu, (const void*)a->s_gu, (const void*)a->mn_gu, (const void*)a->zp_gu,
+                        (const void*)a->w_dn, (const void*)a->s_dn, (const void*)a->mn_dn, (const void*)a->zp_dn,
+                        (const void*)a->out, (const void*)a->inter, (const void*)a->tiles})
+    if (misaligned(q)) return M3E_ERR_ALIGN;
+  const int gshift = group_shift(a->group), n = a->T * a->topk;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int gy_gu = 2 * a->I / (16 * plan.ns_gu), gy_dn = a->H / (16 * plan.ns_dn);
+
+  moe_group_kernel<<<1, GROUP_THREADS, 6 * a->E * sizeof(int), s>>>(
+      a->ids, a->ids_i64, n, a->topk, a->E, plan.mr_gu, plan.tiles_gu, plan.mr_dn, plan.tiles_dn, a->H, gy_dn, a->rows,
+      reinterpret_cast<int4*>(a->tiles), a->slots, a->counters);
+  if (cudaGetLastError() != cudaSuccess) return M3E_ERR_CUDA;
+
+  Params p = {};
+  p.scale_bf16 = a->scale_bf16;
+  p.moe_rows = a->rows;
+  p.moe_rw = a->weights;
+  p.rw_f32 = a->weights_f32;
+  p.topk = a->topk;
+  // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
+  // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return M3E_ERR_CUDA;
+  const bool pdl = major >= 9;
+  auto launch = [&](int epi, dim3 grid, int smem) {
+    return a->act_bf16 ? launch_moe_bf16(p, epi, grid, smem, s, pdl) : launch_moe_f16(p, epi, grid, smem, s, pdl);
+  };
+
+  // gate+up: x rows gathered by token, silu(gate) * up into the intermediate
+  int smem = 0;
+  if (int rc = moe_params(p, 2 * a->I, a->H, plan.ns_gu, plan.mr_gu, gshift, has_min, has_zp, &smem); rc != M3E_OK)
+    return rc;
+  p.x = static_cast<const uint16_t*>(a->x);
+  p.w = reinterpret_cast<const uint4*>(a->w_gu);
+  p.s = a->s_gu;
+  p.mn = a->mn_gu;
+  p.zp = a->zp_gu;
+  p.out = static_cast<uint16_t*>(a->inter);
+  p.out_f32 = 0;
+  p.moe_tiles = reinterpret_cast<const int4*>(a->tiles);
+  if (int rc = launch(EPI_GATE_UP, dim3(plan.tiles_gu, gy_gu), smem); rc != M3E_OK) return rc;
+
+  // down: the intermediate's rows, weighted slot outputs, summed per token by its last slot
+  if (int rc = moe_params(p, a->H, a->I, plan.ns_dn, plan.mr_dn, gshift, has_min, has_zp, &smem); rc != M3E_OK)
+    return rc;
+  p.x = static_cast<const uint16_t*>(a->inter);
+  p.w = reinterpret_cast<const uint4*>(a->w_dn);
+  p.s = a->s_dn;
+  p.mn = a->mn_dn;
+  p.zp = a->zp_dn;
+  p.out = static_cast<uint16_t*>(a->out);
+  p.out_f32 = a->out_f32;
+  p.ws = a->slots;
+  p.cnt = a->counters;
+  p.moe_tiles = reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;
+  return launch(EPI_DOWN, dim3(plan.tiles_dn, gy_dn), smem);
+}
