@@ -133,13 +133,11 @@ def _reference(x, ids, w, gate, up, down, scheme, act):
     experts that have tokens, dequantized weights; an id outside [0, E) adds nothing."""
     T, H = x.shape
     outs = [torch.zeros(T, H, dtype=torch.float64, device=x.device) for _ in range(2)]
-    # packing.unpack_linear builds the float minimum's zero points on the CPU: dequantize those there
-    dev = "cpu" if scheme.float_min else x.device
     for e in ids.unique().tolist():
         if not 0 <= e < len(gate):
             continue
         t, j = (ids == e).nonzero(as_tuple=True)
-        wg, wu, wd = (dequantize_linear({n: v.to(dev) for n, v in m[e].items()}, scheme).to(x.device).double()
+        wg, wu, wd = (dequantize_linear({n: v.to(x.device) for n, v in m[e].items()}, scheme).double()
                       for m in (gate, up, down))
         xe = x[t].double()
         h = torch.nn.functional.silu(xe @ wg.T) * (xe @ wu.T)

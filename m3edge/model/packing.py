@@ -200,7 +200,8 @@ def unpack_linear(tensors: dict[str, torch.Tensor], scheme: Scheme) -> Unpacked:
         if minimum is None or tuple(minimum.shape) != (out, n_groups):
             raise CheckpointError(f"a float-minimum linear needs weight_min [{out}, {n_groups}], got "
                                   f"{None if minimum is None else tuple(minimum.shape)}")
-        zero, minimum = torch.full((out, n_groups), scheme.qmin, dtype=torch.int32), minimum.float()
+        zero = torch.full((out, n_groups), scheme.qmin, dtype=torch.int32, device=minimum.device)
+        minimum = minimum.float()
     elif not scheme.symmetric:
         if "weight_zero_point" not in tensors:
             raise CheckpointError("an asymmetric pack-quantized linear lacks its weight_zero_point tensor")
