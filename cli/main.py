@@ -529,8 +529,10 @@ def quantize(
     bits: int = typer.Option(4, help="4 or 8."),
     group: int = typer.Option(128, help="Inputs per scale: 32, 64, 128, or -1 for one per output row."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric (no zero points)."),
-    method: str = typer.Option("rtn", help="rtn | awq (activation-aware grid search) | gptq (GPTQ on "
-                                           "the AWQ grid)."),
+    method: str = typer.Option("rtn", help="rtn | awq (activation-aware scaling and grid search) | gptq "
+                                           "(GPTQ on the AWQ-scaled weights and grid)."),
+    awq_scale: bool = typer.Option(True, "--awq-scale/--no-awq-scale",
+                                   help="awq/gptq: AWQ's input-channel scaling (up rows -> down, v rows -> o)."),
     calib: List[Path] = typer.Option([], help="Calibration file: text (.txt/.md), image or wav (repeatable)."),
     no_builtin_calib: bool = typer.Option(False, "--no-builtin-calib", help="Use only the --calib files."),
     calib_tokens: int = typer.Option(16384, help="About this many calibration tokens."),
@@ -563,7 +565,7 @@ def quantize(
                   exclude=exclude, calib=[str(c) for c in calib], builtin_calib=not no_builtin_calib,
                   calib_tokens=calib_tokens, min_expert_tokens=min_expert_tokens,
                   calibrate_all_experts=calibrate_all_experts, act_order=act_order,
-                  partial_groups=partial_groups, damp=damp)
+                  partial_groups=partial_groups, damp=damp, awq_scale=awq_scale)
     with progress_bar(f"quantize {method} int{bits} g{group}") as update:
         path, reports = quantize_checkpoint(src, out, opt, force=force, resume=resume, progress=update,
                                             log=lambda m: err.print(f"[dim]{m}[/]"))

@@ -1,25 +1,38 @@
-"""Activation-aware scale search (after AWQ, Lin et al. 2023), restricted to what a plain
-group-wise int grid of the ORIGINAL weight can hold.
+"""Activation-aware quantization (after AWQ, Lin et al. 2023): input-channel scaling where a
+previous op can absorb it exactly, then a clip search of each group's grid.
 
-Why not AWQ's per-input-channel scaling: AWQ quantizes w * s (s = mean|x|^alpha per input channel)
-and folds 1/s into the previous op (a norm or linear). Here the exported layer is only
-(q, scale, zero) per [row, group]: Q(w * s) / s varies inside a group, so it is not on such a
-grid, and the previous op is not ours to change (experts share their input, and one norm feeds
-several consumers). A constant s per group is representable but does nothing: the RTN grid scales
-with the group's range. So the alpha search is dropped.
+1. Scaling (`search_input_scale`). A linear y = x W^T equals (x / s) (W s)^T for any positive s [K]:
+   quantizing W s instead of W puts the channels with large activations on a finer share of the
+   grid, and 1/s goes into whatever produced x, so the file stays an ordinary group-wise grid of the
+   scaled weight. Where it goes (the pipeline does it), per decoder layer:
+     up rows   -> down columns  (per expert: silu(g) * (x u^T) is linear in u's rows)
+     v rows    -> o columns     (attention is linear in v; with GQA the q heads that read one v
+                                 channel share its scale; powers of two, see the pipeline)
+   A row-wise quantized producer is indifferent to its rows' scale (each row has its own grid), so
+   these scalings only help the consumer; the candidates are scored by the consumer's own output
+   error, which is what they change. Not done: AWQ's fold into the RMSNorm before q/k/v and
+   gate/up. Measured on SmolLM2-135M with this linear-output score it made held-out perplexity
+   worse (AWQ g128 27.45 -> 28.13 for input_layernorm, 28.24 for post_attention_layernorm, and
+   also worse on the calibration text itself), while up -> down alone improved it (26.89): the
+   error of q/k (through softmax) and of gate/up (through SiLU and the product) is not what their
+   linear outputs' error says, and AWQ scores those with the whole block's output instead.
+   Candidates are AWQ's: s = rms(x)^alpha normalised to a geometric mean of 1, alpha = 0,
+   1/n_grid, ..., (n_grid - 1)/n_grid; alpha = 0 is no scaling, so the choice is never worse than
+   RTN on the calibration statistics. The score of a candidate is tr(E H E^T) with
+   E = W - Q(W s) / s (the output error over the calibration tokens, H = X^T X), on an evenly
+   strided subset of `max_rows` rows when there are more.
 
-What is kept is the part that IS representable: choosing each [row, group]'s scale / zero by the
-output error it causes on the calibration activations (AWQ's `auto_clip`). For a row with weight
-error d = w - w_hat, the output error over the calibration tokens is ||X d||^2 = n d^T H d with
-H = X^T X / n [K, K]. Candidates per [row, group] are AWQ's clip ratios 1, 1 - 1/n_grid, ...,
-1 - max_shrink (the group's range shrunk by the ratio, then RTN; ratio 1 is plain RTN). AWQ scores
-a group in isolation (d_g^T H_gg d_g); we add the cross term with the other groups' current
-errors, 2 d_g^T H_g,rest d_rest, so the score is the exact change of the row's total output
-error. Starting from RTN, groups are visited in order (Gauss-Seidel, `sweeps` passes) and a
-[row, group] only changes when a candidate scores strictly lower than its current choice, so every
-row's output error on the calibration statistics only goes down: never worse than RTN there.
-Channels with large activations dominate H, so the chosen scales put their weights close to grid
-points, which is what AWQ's scaling aims at.
+2. Clip search (`awq_quantize`, AWQ's `auto_clip`): each [row, group]'s scale / zero chosen by
+   the output error it causes on the calibration activations. For a row with weight error
+   d = w - w_hat, that error over the calibration tokens is ||X d||^2 = n d^T H d with
+   H = X^T X / n [K, K]. Candidates per [row, group] are AWQ's clip ratios 1, 1 - 1/n_grid, ...,
+   1 - max_shrink (the group's range shrunk by the ratio, then RTN; ratio 1 is plain RTN). AWQ
+   scores a group in isolation (d_g^T H_gg d_g); we add the cross term with the other groups'
+   current errors, 2 d_g^T H_g,rest d_rest, so the score is the exact change of the row's total
+   output error. Starting from RTN, groups are visited in order (Gauss-Seidel, `sweeps` passes)
+   and a [row, group] only changes when a candidate scores strictly lower than its current
+   choice, so every row's output error on the calibration statistics only goes down: never worse
+   than RTN there.
 
 H gets `damp * mean(diag(H))` on its diagonal (default 0.1), mixing in some plain weight error so
 that an expert with few tokens (low-rank H) does not over-fit its scales to those tokens.
@@ -28,7 +41,7 @@ Statistics: ActStats keeps the sum of x x^T over ALL calibration tokens, [K, K] 
 K = 4096: the size of a GPTQ Hessian, and of the 4096-row subsample it replaces), so it is exact
 and random-free; its diagonal is the per-channel sum of squares.
 Cost per sweep: N K^2 (cross terms) + len(ratios) N K g flops (candidates); group -1 (one group,
-no cross terms) costs len(ratios) N K^2.
+no cross terms) costs len(ratios) N K^2. The scale search costs n_grid * min(N, max_rows) * K^2.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import torch
 
 from m3edge.errors import M3Error
 from m3edge.model.scheme import Scheme, dequantize, quantize
-from m3edge.quantize.gptq import HessianAccumulator, check_weight, grid, pad_problem
+from m3edge.quantize.gptq import HessianAccumulator, check_weight, grid, pad_problem, rtn_quantize
 
 CANDIDATE_BUDGET = 1 << 24  # elements of one batch of clip candidates [ratios, N, g] (64 MB fp32)
 
@@ -52,6 +65,57 @@ class ActStats(HessianAccumulator):
     def second_moment(self) -> torch.Tensor:
         """[K] fp32: mean of x^2 per input channel (zeros with no tokens)."""
         return self.hessian().diagonal() / 2
+
+    def scaled(self, s: torch.Tensor) -> "ActStats":
+        """The statistics of x / s (s [K] > 0), without the tokens: sum (x/s)(x/s)^T = X^T X / (s s^T)."""
+        out = ActStats(self.in_features)
+        out._xtx = self._xtx / (s[:, None] * s[None, :])
+        out._n = self._n
+        return out
+
+
+def search_input_scale(ws: list[torch.Tensor], stats: ActStats, scheme: Scheme, n_grid: int = 20,
+                       max_rows: int = 1024, scale_dtype: torch.dtype = torch.bfloat16,
+                       tie: torch.Tensor | None = None, pow2: bool = False) -> torch.Tensor:
+    """AWQ's per-input-channel scale for the consumers ws ([N_i, K] fp32, one input x): s [K] fp32 > 0.
+
+    s = rms(x)^alpha / geometric-mean, alpha on AWQ's grid, chosen by the summed output error of RTN
+    on w * s (module docstring). Returns ones when no candidate beats alpha = 0. Deterministic.
+    tie [K] (int): channels with the same id get one scale (their rms pooled), e.g. the o_proj
+    inputs that one GQA v channel feeds. pow2: every scale a power of two, so dividing a bf16 /
+    fp16 value by it is exact.
+    """
+    if stats.n_tokens == 0:
+        raise M3Error("AWQ: no calibration tokens reached this layer; use RTN for it")
+    K = stats.in_features
+    W = torch.cat([w.detach().to(torch.float32) for w in ws])  # [N, K]
+    if W.shape[1] != K:
+        raise ValueError(f"activation statistics have {K} features, weights have {W.shape[1]} inputs")
+    if W.shape[0] > max_rows:  # an evenly strided subset of rows scores the candidates
+        W = W[torch.linspace(0, W.shape[0] - 1, max_rows).round().long()]
+    H = stats.hessian()
+    rms = (H.diagonal() / 2).clamp_min(0).sqrt()
+    if not torch.isfinite(rms).all():
+        raise M3Error("AWQ: the activation statistics have non-finite entries (NaN/inf in the calibration inputs)")
+    if float(rms.max()) == 0:
+        return torch.ones(K)
+    rms = rms.clamp_min(1e-5 * float(rms.max()))  # dead channels: a finite scale
+    if tie is not None:
+        ms = torch.zeros(int(tie.max()) + 1).index_add_(0, tie, rms ** 2)
+        rms = (ms / torch.bincount(tie).float()).sqrt()[tie]
+    g = scheme.group_size(K)
+    best, best_s = None, torch.ones(K)
+    for i in range(n_grid):
+        s = rms ** (i / n_grid)
+        s = s / (s.max() * s.min()).sqrt()
+        if pow2:
+            s = torch.exp2(torch.log2(s).round())
+        q, sc, z = rtn_quantize(W * s, scheme, scale_dtype)
+        E = W - dequantize(q, sc, z, g) / s  # [N, K] error in the original weight's units
+        err = float((E * (E @ H)).sum())
+        if best is None or err < best:
+            best, best_s = err, s
+    return best_s
 
 
 def awq_quantize(w: torch.Tensor, x_stats: ActStats, scheme: Scheme, scale_dtype: torch.dtype = torch.bfloat16,

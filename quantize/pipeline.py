@@ -8,8 +8,10 @@ Per layer (sequential, as GPTQ does: each layer sees the outputs of the already-
       shared expert: all tokens
     h = h2 + Σ w_e expert_e(x2) + shared(x2)
 
-Methods: `rtn` needs no calibration; `awq` picks each group's grid by an activation-weighted clip
-search (quantize/awq.py); `gptq` takes that same grid and lets GPTQ choose the integers with its
+Methods: `rtn` needs no calibration; `awq` scales v rows -> o columns and up rows -> down columns
+by AWQ's search (o's scale after the attention of the quantized q, k, v; down's before up is
+quantized) and picks each group's grid by an activation-weighted clip search (quantize/awq.py);
+`gptq` does the same scaling, takes that same grid and lets GPTQ choose the integers with its
 error compensation (quantize/gptq.py, static groups, optional act-order). Statistics are per
 expert, from the tokens routed to it.
 
@@ -45,6 +47,8 @@ from m3edge.model.packing import pack_linear, quantization_config
 from m3edge.model.tokenizer import Tokenizer
 from m3edge.model.scheme import Scheme
 from m3edge.model.scheme import dequantize as deq
+from m3edge.quantize.awq import ActStats, awq_quantize, search_input_scale
+from m3edge.quantize.gptq import gptq_quantize, rtn_quantize
 
 METHODS = ("rtn", "gptq", "awq")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -66,6 +70,7 @@ class Options:
     calibrate_all_experts: bool = False
     act_order: bool = False
     damp: float = 0.01
+    awq_scale: bool = True  # awq / gptq: AWQ's input-channel scaling of o and down (quantize/awq.py)
     partial_groups: bool = False  # allow a group that does not divide K (shorter last group)
 
     def validate(self) -> None:
@@ -264,17 +269,12 @@ class _LayerQuantizer:
         if stats is None or self.opt.method == "rtn":
             qt, sc, z = _rtn(w, s)
         elif self.opt.method == "gptq":
-            from m3edge.quantize.awq import awq_quantize
-            from m3edge.quantize.gptq import gptq_quantize
-
             # the grid (scale, zero per group) from AWQ's activation-aware clip search, the integers
             # from GPTQ's error compensation on that fixed grid
             _, sc, z = awq_quantize(w, stats, s)
             qt, sc, z = gptq_quantize(w, stats.hessian(), s, damp=self.opt.damp, act_order=self.opt.act_order,
                                       static_grid=(sc, z))
         else:
-            from m3edge.quantize.awq import awq_quantize
-
             qt, sc, z = awq_quantize(w, stats, s)
         out.update({f"{base}.{k}": v for k, v in pack_linear(qt, sc, z, s, torch.bfloat16).items()})
         w_hat = deq(qt, sc, z, s.group_size(w.shape[1]))
@@ -283,7 +283,6 @@ class _LayerQuantizer:
 
     def _stats(self):
         if self.opt.method in ("gptq", "awq"):
-            from m3edge.quantize.awq import ActStats
             return lambda k: ActStats(k)
         return None
 
@@ -347,6 +346,9 @@ class _LayerQuantizer:
         st = mk(attn.o_proj.in_features)
         for a in o_in:
             st.add(a)
+        s = self._v_o_scale(i, wo, st, out)
+        if s is not None:
+            wo, st, o_in = wo * s, st.scaled(s), [a / s for a in o_in]
         wo_hat = self._quantize(f"{p}.self_attn.o_proj.weight", wo, st, out, errs)
         bo = attn.o_proj.bias if cfg.attention_bias else None
         h2 = [h + F.linear(a, wo_hat, bo) for h, a in zip(hidden, o_in)]
@@ -370,10 +372,17 @@ class _LayerQuantizer:
             st = stats_mk(wg.shape[1])
             st.add(x)
         g_hat = self._quantize(f"{prefix}.gate_proj.weight", wg, st, out, errs)
-        u_hat = self._quantize(f"{prefix}.up_proj.weight", wu, st, out, errs)
         if x is None:
+            self._quantize(f"{prefix}.up_proj.weight", wu, None, out, errs)
             self._quantize(f"{prefix}.down_proj.weight", wd, None, out, errs)
             return None
+        if use and self.opt.awq_scale and f"{prefix}.down_proj.weight" in self.qnames:
+            # up rows -> down columns: down's input is silu(g) * (x u^T), linear in u's rows
+            st0 = stats_mk(wd.shape[1])
+            st0.add(F.silu(x @ g_hat.T) * (x @ wu.T))
+            s = search_input_scale([wd], st0, self.opt.scheme)
+            wu, wd = wu / s[:, None], wd * s
+        u_hat = self._quantize(f"{prefix}.up_proj.weight", wu, st, out, errs)
         act = F.silu(x @ g_hat.T) * (x @ u_hat.T)  # [n, I]
         st = None
         if use:
@@ -381,6 +390,29 @@ class _LayerQuantizer:
             st.add(act)
         d_hat = self._quantize(f"{prefix}.down_proj.weight", wd, st, out, errs)
         return act @ d_hat.T
+
+    def _v_o_scale(self, i: int, wo: torch.Tensor, st, out: dict) -> torch.Tensor | None:
+        """AWQ scaling v rows -> o columns, after q, k, v are quantized: attention is linear in v, so
+        dividing v's rows by s_v divides o's input channels by s_v of the kv head they read (GQA: one
+        scale for the q heads sharing a v channel). Powers of two, so v's stored rows (scales, bias,
+        or bf16 weight) divide exactly and o's calibration inputs stay exactly what the file computes.
+        Returns the scale of o's columns, or None."""
+        cfg, p = self.cfg, f"model.layers.{i}"
+        if not self.opt.awq_scale or f"{p}.self_attn.o_proj.weight" not in self.qnames:
+            return None
+        D, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+        j = torch.arange(cfg.num_attention_heads * D)
+        v_of = (j // D // rep) * D + j % D  # o input channel -> the v channel it reads
+        s = search_input_scale([wo], st, self.opt.scheme, tie=v_of, pow2=True)
+        if bool((s == 1).all()):
+            return None
+        s_v = torch.ones(cfg.num_key_value_heads * D).index_copy_(0, v_of, s)
+        v = f"{p}.self_attn.v_proj."
+        for k in ("weight_scale", "weight", "bias"):
+            if v + k in out:
+                t = out[v + k]
+                out[v + k] = (t.float() / (s_v if t.dim() == 1 else s_v[:, None])).to(t.dtype)
+        return s
 
     def _mlp(self, i, x2, prompts, out, errs, rep, progress):
         cfg, p = self.cfg, f"model.layers.{i}"
@@ -448,8 +480,6 @@ def _trim_heap() -> None:
 
 
 def _rtn(w: torch.Tensor, s: Scheme):
-    from m3edge.quantize.gptq import rtn_quantize
-
     return rtn_quantize(w, s, torch.bfloat16)
 
 

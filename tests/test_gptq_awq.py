@@ -9,7 +9,7 @@ import torch
 
 from m3edge.errors import M3Error
 from m3edge.model.scheme import Scheme, dequantize, quantize
-from m3edge.quantize.awq import ActStats, awq_quantize
+from m3edge.quantize.awq import ActStats, awq_quantize, search_input_scale
 from m3edge.quantize.gptq import HessianAccumulator, _gptq, gptq_quantize, rtn_quantize
 
 N, K = 256, 512
@@ -255,3 +255,23 @@ def test_gptq_on_awq_grid():
     assert torch.equal(sc2, sc) and torch.equal(z2, z)
     both = _rel(w, xe, q, sc2, z2)
     assert both < _rel(w, xe, *awq_quantize(w, st, s)) and both < _rel(w, xe, *rtn_quantize(w, s))
+
+
+# -- AWQ's input-channel scaling
+
+def test_input_scale_helps_outlier_channels_and_alpha_zero_is_rtn(outlier_layer):
+    w, xc, xt, _, st = outlier_layer
+    s = Scheme(4, 128, False)
+    a = search_input_scale([w], st, s)
+    assert float(a.max() / a.min()) > 2, "outlier channels should be scaled up"
+    q, sc, z = rtn_quantize(w * a, s)
+    scaled = dequantize(q, sc, z) / a
+
+    def rel(wh, x):
+        return float(((x @ (w - wh).T).norm() / (x @ w.T).norm()))
+
+    rtn = dequantize(*rtn_quantize(w, s))
+    assert rel(scaled, xc) < 0.8 * rel(rtn, xc) and rel(scaled, xt) < 0.8 * rel(rtn, xt)
+    # nothing to gain (identical channels): no scaling
+    x = torch.randn(2048, K, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(search_input_scale([w], _stats(ActStats, x * 0 + 1), s), torch.ones(K))

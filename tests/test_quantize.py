@@ -76,6 +76,37 @@ def test_quantized_model_runs_and_is_close(gptq_tiny, tiny_dir):
         assert f.get_tensor("lm_head.weight_packed").dtype == torch.int32
 
 
+def test_awq_scaling_keeps_the_model(tiny_dir, tmp_path):
+    """AWQ's input-channel scaling (up rows -> down columns, v rows -> o columns) moves magnitude
+    between two matrices; at int8 the model must still be the float one, and both scalings must
+    have happened (v's stored row scales differ from the unscaled run's by powers of two). Some v
+    rows are made 16x larger so that o's inputs have outlier channels worth scaling."""
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    for k in t:
+        if k.endswith("v_proj.weight"):
+            t[k][:8] *= 16
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.arange(1, 60)[None]
+    a = load_model(d)(ids)
+    scales, err = {}, {}
+    for on in (False, True):
+        out = tmp_path / f"awq-{on}"
+        quantize_checkpoint(d, out, Options(scheme=Scheme(8, 32, True), method="awq", awq_scale=on))
+        err[on] = float((a - load_model(out, dtype=torch.float32)(ids)).abs().max() / a.abs().max())
+        f = TensorFiles(out)
+        scales[on] = [f.get(f"model.layers.0.{m}.weight_scale").float() for m in ("self_attn.v_proj", "mlp.shared_experts.up_proj")]
+    assert err[False] < 0.05 and err[True] < 1.5 * err[False], err  # a wrong fold costs O(1)
+    v_ratio = scales[False][0] / scales[True][0]
+    assert not torch.equal(v_ratio, torch.ones_like(v_ratio))
+    assert torch.equal(v_ratio.log2(), v_ratio.log2().round())
+    assert not torch.equal(scales[False][1], scales[True][1])
+
+
 def test_every_expert_count_is_reported(gptq_tiny):
     _, reports = gptq_tiny
     for r in reports:
