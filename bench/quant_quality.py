@@ -5,7 +5,8 @@ and bitsandbytes NF4 (blocksize 64, its default) as the outside baseline. Column
 held-out text (m3edge's stated rule: non-overlapping 512-token windows, no BOS for SmolLM2), the
 size of the linear layers' weights on disk, quantize time and the quantizing process's peak RSS.
 "gap closed" is the share of the same-group RTN row's perplexity gap to bf16 that a method removes.
-`gptq` runs GPTQ on AWQ's activation-aware grid (see quantize/pipeline.py).
+`awq` and `gptq` scale up rows -> down and v rows -> o by AWQ's search; `gptq` runs GPTQ on AWQ's
+scaled weights and activation-aware grid (see quantize/pipeline.py).
 
 SmolLM2's hidden size is 576 = 4.5 x 128, so g128 rows use --partial-groups (the last group of
 each 576-wide row holds 64 inputs); g32 and g64 divide every layer.
