@@ -230,7 +230,7 @@ class _LayerQuantizer:
             t = self.files.get(n)
             if n == "lm_head.weight" and self.opt.lm_head_bits == 8:
                 s = Scheme(8, 128 if t.shape[1] % 128 == 0 else -1, True)
-                qt, sc, z = _rtn(t.float(), s)
+                qt, sc, z = rtn_quantize(t.float(), s)
                 out.update({f"lm_head.{k}": v for k, v in pack_linear(qt, sc, z, s, torch.bfloat16).items()})
             else:
                 out[n] = t.to(torch.bfloat16)
@@ -267,7 +267,7 @@ class _LayerQuantizer:
             return w.to(torch.bfloat16).float()
         s = self.opt.scheme
         if stats is None or self.opt.method == "rtn":
-            qt, sc, z = _rtn(w, s)
+            qt, sc, z = rtn_quantize(w, s)
         elif self.opt.method == "gptq":
             # the grid (scale, zero per group) from AWQ's activation-aware clip search, the integers
             # from GPTQ's error compensation on that fixed grid
@@ -376,14 +376,15 @@ class _LayerQuantizer:
             self._quantize(f"{prefix}.up_proj.weight", wu, None, out, errs)
             self._quantize(f"{prefix}.down_proj.weight", wd, None, out, errs)
             return None
+        gate = F.silu(x @ g_hat.T)  # [n, I]
         if use and self.opt.awq_scale and f"{prefix}.down_proj.weight" in self.qnames:
             # up rows -> down columns: down's input is silu(g) * (x u^T), linear in u's rows
             st0 = stats_mk(wd.shape[1])
-            st0.add(F.silu(x @ g_hat.T) * (x @ wu.T))
+            st0.add(gate * (x @ wu.T))
             s = search_input_scale([wd], st0, self.opt.scheme)
             wu, wd = wu / s[:, None], wd * s
         u_hat = self._quantize(f"{prefix}.up_proj.weight", wu, st, out, errs)
-        act = F.silu(x @ g_hat.T) * (x @ u_hat.T)  # [n, I]
+        act = gate * (x @ u_hat.T)  # [n, I]
         st = None
         if use:
             st = stats_mk(wd.shape[1])
@@ -477,10 +478,6 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _rtn(w: torch.Tensor, s: Scheme):
-    return rtn_quantize(w, s, torch.bfloat16)
 
 
 def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qnames: set[str],
