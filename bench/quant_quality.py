@@ -100,7 +100,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "smollm2"
     if not (src / "config.json").exists():
-        import_checkpoint(None, src, force=src.exists())
+        import_checkpoint(None, src, force=src.exists(), dequantize=True)  # the float weights quantize reads
     tok = Tokenizer.from_dir(src)
     ids = text_ids(tok, args.text)
     results = []

@@ -13,9 +13,10 @@ previous op can absorb it exactly, then a clip search of each group's grid.
    error, which is what they change. Not done: AWQ's fold into the RMSNorm before q/k/v and
    gate/up. Measured on SmolLM2-135M with this linear-output score it made held-out perplexity
    worse (AWQ g128 27.45 -> 28.13 for input_layernorm, 28.24 for post_attention_layernorm, and
-   also worse on the calibration text itself), while up -> down alone improved it (26.89): the
-   error of q/k (through softmax) and of gate/up (through SiLU and the product) is not what their
-   linear outputs' error says, and AWQ scores those with the whole block's output instead.
+   also worse on the calibration text itself), while up -> down alone improved it (26.89).
+   Scoring both folds by the whole block's output instead, as AWQ does (attention output for
+   q/k/v, SwiGLU output for gate/up, 4096 calibration tokens, on top of up -> down and v -> o),
+   made it worse as well: 26.91 -> 27.91. On this model the norm folds stay out.
    Candidates are AWQ's: s = rms(x)^alpha normalised to a geometric mean of 1, alpha = 0,
    1/n_grid, ..., (n_grid - 1)/n_grid; alpha = 0 is no scaling, so the choice is never worse than
    RTN on the calibration statistics. The score of a candidate is tr(E H E^T) with
