@@ -59,8 +59,9 @@ def progress_bar(what: str) -> Iterator:
             bar.stop()
 
 
-BACKEND = typer.Option("auto", help="auto (ort for a quantized model without a CUDA GPU, else torch) | torch "
-                                     "(reference) | ort (ONNX Runtime on the CPU; exports the model once, cached).")
+BACKEND = typer.Option("auto", help="auto (a quantized model: cuda where a GPU and the kernels are there, else "
+                                     "ort; torch otherwise) | torch (reference) | ort (ONNX Runtime on the CPU; "
+                                     "exports the model once, cached) | cuda (native int4 kernels, CUDA graphs).")
 
 
 def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] = None,

@@ -313,6 +313,171 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
 #endif
 }
 
+#define CHECK_OP(op, cond, ...) \
+  if (!(cond)) return cat("value: " op ": ", __VA_ARGS__)
+
+// Every tensor contiguous, on x's CUDA device (the small ops' common checks).
+std::string check_all(const char* op, const std::vector<std::pair<const char*, const at::Tensor*>>& all) {
+  const at::Tensor& x = *all[0].second;
+  for (auto& [name, t] : all) {
+    if (!t->is_contiguous()) return cat("value: ", op, ": ", name, " ", desc(*t), " must be contiguous");
+    if (!t->is_cuda() || t->device() != x.device())
+      return cat("value: ", op, ": ", name, " ", desc(*t), " is on ", t->device().str(),
+                 "; every tensor must be on the same CUDA device as ", all[0].first, " (", x.device().str(), ")");
+  }
+  return "";
+}
+
+#ifndef M3E_NO_CUDA
+std::string run_status(const char* op, int rc) {
+  if (rc == M3E_OK) return "";
+  return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", op, ": ", m3e_error_string(rc),
+             rc == M3E_ERR_CUDA ? std::string(" (") + cudaGetErrorString(cudaGetLastError()) + ")" : "");
+}
+#endif
+
+// MoE routing (native/cuda/decode_ops.cu): x [T, H] fp16/bf16, routers [R, E, H] x's dtype, modality
+// int64 [T], fusion_ok bool [T] -> ids int32 / weights fp32 [T, k (+1 with extra_id >= 0)].
+std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at::Tensor& modality,
+                       const at::Tensor& fusion_ok, at::Tensor& ids, at::Tensor& weights, int64_t k, int64_t n_fusion,
+                       bool norm_topk, int64_t extra_id, double scale) {
+  CHECK_OP("route_topk", x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ",
+           desc(x));
+  const int64_t T = x.size(0), H = x.size(1);
+  CHECK_OP("route_topk", routers.dim() == 3 && routers.size(2) == H && routers.scalar_type() == x.scalar_type(),
+           "routers must be [R, E, ", H, "] of x's dtype (x ", desc(x), "), got ", desc(routers));
+  const int64_t E = routers.size(1);
+  CHECK_OP("route_topk", E >= 1 && E <= 256 && k >= 1 && k <= 16 && k <= E && n_fusion >= 0 && n_fusion < E,
+           "needs 1 <= E <= 256, 1 <= k <= min(16, E), 0 <= n_fusion < E; got E ", E, ", k ", k, ", n_fusion ",
+           n_fusion);
+  CHECK_OP("route_topk", H % 8 == 0, "H must be a multiple of 8 (16-byte loads), got x ", desc(x));
+  CHECK_OP("route_topk", modality.dim() == 1 && modality.size(0) == T && modality.scalar_type() == at::kLong,
+           "modality must be int64 [", T, "], got ", desc(modality));
+  CHECK_OP("route_topk", fusion_ok.dim() == 1 && fusion_ok.size(0) == T && fusion_ok.scalar_type() == at::kBool,
+           "fusion_ok must be bool [", T, "], got ", desc(fusion_ok));
+  const int64_t width = k + (extra_id >= 0);
+  CHECK_OP("route_topk", ids.dim() == 2 && ids.size(0) == T && ids.size(1) == width && ids.scalar_type() == at::kInt,
+           "ids must be int32 [", T, ", ", width, "], got ", desc(ids));
+  CHECK_OP("route_topk", weights.dim() == 2 && weights.size(0) == T && weights.size(1) == width &&
+               weights.scalar_type() == at::kFloat,
+           "weights must be float32 [", T, ", ", width, "], got ", desc(weights));
+  if (auto e = check_all("route_topk", {{"x", &x}, {"routers", &routers}, {"modality", &modality},
+                                        {"fusion_ok", &fusion_ok}, {"ids", &ids}, {"weights", &weights}});
+      !e.empty())
+    return e;
+#ifdef M3E_NO_CUDA
+  return "cuda: route_topk: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
+#else
+  for (auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"x", &x}, {"routers", &routers}})
+    CHECK_OP("route_topk", (reinterpret_cast<uintptr_t>(t->data_ptr()) & 15) == 0, name, " ", desc(*t),
+             " must start 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor logits = at::empty({T, E}, x.options().dtype(at::kFloat));
+  m3e_route_args a;
+  a.logits = logits.data_ptr<float>();
+  a.x = x.data_ptr();
+  a.routers = routers.data_ptr();
+  a.modality = modality.data_ptr<int64_t>();
+  a.fusion_ok = reinterpret_cast<const uint8_t*>(fusion_ok.data_ptr());
+  a.ids = ids.data_ptr<int>();
+  a.weights = weights.data_ptr<float>();
+  a.T = (int)T;
+  a.H = (int)H;
+  a.E = (int)E;
+  a.R = (int)routers.size(0);
+  a.k = (int)k;
+  a.n_fusion = (int)n_fusion;
+  a.norm_topk = norm_topk;
+  a.extra_id = (int)extra_id;
+  a.act_bf16 = x.scalar_type() == at::kBFloat16;
+  a.scale = (float)scale;
+  return run_status("route_topk", m3e_route(&a, at::cuda::getCurrentCUDAStream().stream()));
+#endif
+}
+
+// q/k/v epilogue (native/cuda/decode_ops.cu), batch 1: qkv [T, (nh + 2 nkv) D]; q_norm / k_norm [D] or
+// None; cos, sin [T, D]; q_out [nh, T, D]; k_cache, v_cache [nkv, cap, D]; pos int64 [1] on the device
+// (or None: pos0) is the cache slot of token 0. All of qkv's dtype.
+std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                     const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+                     at::Tensor& q_out, at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& pos,
+                     int64_t pos0, int64_t nh, int64_t nkv, double eps) {
+  CHECK_OP("rope_qkv", qkv.dim() == 2 && is_half(qkv) && nh >= 1 && nkv >= 1 && nh % nkv == 0 &&
+               qkv.size(1) % (nh + 2 * nkv) == 0,
+           "qkv must be float16 or bfloat16 [T, (nh + 2 nkv) D] with nh ", nh, ", nkv ", nkv, ", got ", desc(qkv));
+  const int64_t T = qkv.size(0), D = qkv.size(1) / (nh + 2 * nkv);
+  CHECK_OP("rope_qkv", D % 32 == 0 && D <= 512, "head_dim must be a multiple of 32 up to 512, got ", D);
+  const auto dt = qkv.scalar_type();
+  auto is = [&](const at::Tensor& t, std::vector<int64_t> shape) {
+    if (t.scalar_type() != dt || t.dim() != (int64_t)shape.size()) return false;
+    for (size_t i = 0; i < shape.size(); ++i)
+      if (t.size(i) != shape[i]) return false;
+    return true;
+  };
+  CHECK_OP("rope_qkv", !q_norm || is(*q_norm, {D}), "q_norm must be [", D, "] of qkv's dtype, got ", desc(*q_norm));
+  CHECK_OP("rope_qkv", !k_norm || is(*k_norm, {D}), "k_norm must be [", D, "] of qkv's dtype, got ", desc(*k_norm));
+  CHECK_OP("rope_qkv", is(cos, {T, D}) && is(sin, {T, D}), "cos and sin must be [", T, ", ", D,
+           "] of qkv's dtype, got ", desc(cos), " and ", desc(sin));
+  CHECK_OP("rope_qkv", is(q_out, {nh, T, D}), "q_out must be [", nh, ", ", T, ", ", D, "], got ", desc(q_out));
+  CHECK_OP("rope_qkv", k_cache.dim() == 3 && is(k_cache, {nkv, k_cache.size(1), D}) && is(v_cache, k_cache.sizes().vec()),
+           "k_cache and v_cache must be [", nkv, ", cap, ", D, "] of qkv's dtype, got ", desc(k_cache), " and ",
+           desc(v_cache));
+  const int64_t cap = k_cache.size(1);
+  CHECK_OP("rope_qkv", pos || (pos0 >= 0 && pos0 + T <= cap), "slots ", pos0, "..", pos0 + T - 1,
+           " are outside the cache's ", cap);
+  CHECK_OP("rope_qkv", !pos || (pos->dim() == 1 && pos->size(0) == 1 && pos->scalar_type() == at::kLong),
+           "pos must be int64 [1], got ", desc(*pos));
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {
+      {"qkv", &qkv}, {"cos", &cos}, {"sin", &sin}, {"q_out", &q_out}, {"k_cache", &k_cache}, {"v_cache", &v_cache}};
+  if (q_norm) all.push_back({"q_norm", &*q_norm});
+  if (k_norm) all.push_back({"k_norm", &*k_norm});
+  if (pos) all.push_back({"pos", &*pos});
+  if (auto e = check_all("rope_qkv", all); !e.empty()) return e;
+#ifdef M3E_NO_CUDA
+  return "cuda: rope_qkv: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
+#else
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  m3e_rope_args a;
+  a.qkv = qkv.data_ptr();
+  a.q_norm = q_norm ? q_norm->data_ptr() : nullptr;
+  a.k_norm = k_norm ? k_norm->data_ptr() : nullptr;
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  a.q_out = q_out.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.pos_dev = pos ? pos->data_ptr<int64_t>() : nullptr;
+  a.pos0 = (int)pos0;
+  a.T = (int)T;
+  a.nh = (int)nh;
+  a.nkv = (int)nkv;
+  a.D = (int)D;
+  a.cap = (int)cap;
+  a.act_bf16 = dt == at::kBFloat16;
+  a.eps = (float)eps;
+  return run_status("rope_qkv", m3e_rope_qkv(&a, at::cuda::getCurrentCUDAStream().stream()));
+#endif
+}
+
+// RMSNorm (native/cuda/decode_ops.cu): x, out [T, H] fp16/bf16, w [H], all one dtype, H % 8 == 0.
+std::string rmsnorm(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps) {
+  CHECK_OP("rmsnorm", x.dim() == 2 && is_half(x) && x.size(1) % 8 == 0,
+           "x must be float16 or bfloat16 [T, H] with H a multiple of 8, got ", desc(x));
+  CHECK_OP("rmsnorm", w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
+           "w must be [", x.size(1), "] of x's dtype, got ", desc(w));
+  CHECK_OP("rmsnorm", out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "out must be like x ",
+           desc(x), ", got ", desc(out));
+  if (auto e = check_all("rmsnorm", {{"x", &x}, {"w", &w}, {"out", &out}}); !e.empty()) return e;
+#ifdef M3E_NO_CUDA
+  return "cuda: rmsnorm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
+#else
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_status("rmsnorm", m3e_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), (int)x.size(0),
+                                           (int)x.size(1), (float)eps, x.scalar_type() == at::kBFloat16,
+                                           at::cuda::getCurrentCUDAStream().stream()));
+#endif
+}
+
 // (ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn) that moe_w4a16 would use; empty when refused.
 std::vector<int64_t> moe_plan(int64_t T, int64_t topk, int64_t E, int64_t H, int64_t I, int64_t group, bool affine,
                               int64_t ns_gu, int64_t ns_dn) {
@@ -358,6 +523,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0);
   m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
         py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0);
+  m.def("route_topk", &route_topk, "MoE routing (native/cuda/decode_ops.cu); returns an error message or ''",
+        py::arg("x"), py::arg("routers"), py::arg("modality"), py::arg("fusion_ok"), py::arg("ids"),
+        py::arg("weights"), py::arg("k"), py::arg("n_fusion"), py::arg("norm_topk"), py::arg("extra_id"),
+        py::arg("scale"));
+  m.def("rmsnorm", &rmsnorm, "RMSNorm (native/cuda/decode_ops.cu); returns an error message or ''", py::arg("x"),
+        py::arg("w"), py::arg("out"), py::arg("eps"));
+  m.def("rope_qkv", &rope_qkv, "q/k norm, RoPE, KV-cache write (native/cuda/decode_ops.cu); returns an error or ''",
+        py::arg("qkv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("cos"), py::arg("sin"), py::arg("q_out"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pos0"), py::arg("nh"), py::arg("nkv"),
+        py::arg("eps"));
 #ifdef M3E_NO_CUDA
   m.attr("has_cuda") = false;
 #else

@@ -479,3 +479,25 @@ def test_linear_kept_in_float_exports_exactly(tiny_dir, tmp_path):
     man = json.loads((out / "export_manifest.json").read_text())["tensors"]
     assert man["model.layers.1.self_attn.o_proj"]["bits"] == 16 and man["model.layers.0.self_attn.o_proj"]["bits"] == 4
     _assert_prefill_parity(q, out)
+
+
+def test_auto_backend_says_why_once_when_the_kernels_cannot_run(tiny_q, tmp_path, monkeypatch, capsys):
+    """A CUDA GPU whose kernels cannot build (mocked inside this test only: the machine has no GPU):
+    auto says why once on stderr and runs the quantized model on ONNX Runtime."""
+    import m3edge.runtime.backends as backends
+    import m3edge.runtime.cuda as cuda
+    from m3edge.export.onnx import ensure_onnx
+
+    monkeypatch.setenv("M3EDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "cuda_unavailable", lambda: "the CUDA kernels cannot be built: nvcc is missing")
+    monkeypatch.setattr(backends, "_cuda_why", [])
+    monkeypatch.setattr(backends, "_said", [])
+    assert backends.wants_ort(tiny_q)
+    ensure_onnx(tiny_q)
+    assert backends.resolve_backend("auto", tiny_q) == "ort"
+    assert backends.resolve_backend("auto", tiny_q) == "ort"
+    err = capsys.readouterr().err
+    assert err.count("not using the GPU (the CUDA kernels cannot be built: nvcc is missing)") == 1
+    with pytest.raises(M3Error, match="^the cuda backend cannot run here: the CUDA kernels cannot be built"):
+        backends.resolve_backend("cuda", tiny_q)

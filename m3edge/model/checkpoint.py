@@ -184,7 +184,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
     validate(cfg, files)
     with torch.device("meta"):
         model = M3Lite(cfg)
-    model = model.to_empty(device=device).to(dtype or cfg.dtype)
+    model = model.to(dtype or cfg.dtype).to_empty(device=device)  # cast on meta: no fp32 copy first
     model.load_tensors(_LazyMap(files, checkpoint_tensors(cfg)[1]))
     files.close()
     return model.eval()

@@ -331,11 +331,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.use_qk_norm = cfg.use_qk_norm
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, S, heads * D] (a backend may fuse the three)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.nh, self.hd)  # [B, S, nh, D]
-        k = self.k_proj(x).view(B, S, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, S, D]
+        q, k, v = self.project(x)
+        q = q.view(B, S, self.nh, self.hd)  # [B, S, nh, D]
+        k = k.view(B, S, self.nkv, self.hd)
+        v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, S, D]
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -361,20 +366,28 @@ def route(cfg: M3Config, routers: list[torch.Tensor], x: torch.Tensor, modality:
           fusion_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec section 4. x [T, H], routers [E, H] per modality, modality / fusion_ok [T]
     -> weights [T, k] (x.dtype), experts [T, k]."""
-    E, F = routers[0].shape[0], cfg.num_fusion_experts
-    logits = torch.zeros(x.shape[0], E, dtype=torch.float32, device=x.device)
+    logits = torch.zeros(x.shape[0], routers[0].shape[0], dtype=torch.float32, device=x.device)
     for m, w in enumerate(routers):  # per-modality router (Ming multi_gate)
         sel = modality == m
         if sel.any():
             logits[sel] = x[sel].float() @ w.float().T  # [t, E], fp32
+    return select_experts(cfg, logits, fusion_ok, x.dtype)
+
+
+def select_experts(cfg: M3Config, logits: torch.Tensor, fusion_ok: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] fp32 -> weights [T, k] (dtype), experts [T, k]: fusion experts masked
+    where the prefix has no image/audio token, then top-k and softmax (spec section 4)."""
+    F = cfg.num_fusion_experts
     if F:
-        logits[~fusion_ok, -F:] = float("-inf")  # mask before top-k
+        logits = logits.masked_fill(~fusion_ok[:, None] & (torch.arange(logits.shape[1], device=logits.device)
+                                                           >= logits.shape[1] - F), float("-inf"))  # before top-k
     if cfg.norm_topk_prob:
         vals, idx = logits.topk(cfg.num_experts_per_tok, dim=-1)
         w = vals.softmax(-1)  # == softmax over all, top-k, renormalise
     else:
         w, idx = logits.softmax(-1).topk(cfg.num_experts_per_tok, dim=-1)
-    return (w * cfg.routed_scaling_factor).to(x.dtype), idx
+    return (w * cfg.routed_scaling_factor).to(dtype), idx
 
 
 class MoE(nn.Module):
@@ -498,9 +511,10 @@ class M3Lite(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 image_patches: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """input_ids [B, S]; position_ids [3, B, S] or [B, S] (default: continue after the cache);
-        attention_mask [B, S] of the new tokens (False = left padding). Returns logits [B, S, V]."""
+        attention_mask [B, S] of the new tokens (False = left padding). Returns logits [B, S, V]
+        ([B, 1, V] of the last position with last_only)."""
         B, S = input_ids.shape
         dev = input_ids.device
         P = cache.length if cache is not None else 0
@@ -539,7 +553,7 @@ class M3Lite(nn.Module):
 
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, modality, fusion_ok)
-        return self.logits(h)
+        return self.logits(h[:, -1:] if last_only else h)
 
     # -- weights
     def load_tensors(self, tensors) -> None:

@@ -1,12 +1,13 @@
 """Backends: (token ids, positions, media features, cache) in, logits out. Nothing else.
 
 The engine owns prompts, sampling and streaming; a backend only runs the network. `torch` is the
-reference model; `ort` (ONNX Runtime) and `cuda` (native int4 kernels) plug in with the same
-three methods.
+reference model; `ort` (ONNX Runtime, runtime/ort.py) and `cuda` (native int4 kernels,
+runtime/cuda.py) plug in with the same two methods.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -72,32 +73,52 @@ class OrtBackend:
         return torch.from_numpy(logits[-1].copy())
 
 
-BACKENDS = ("auto", "torch", "ort")
+BACKENDS = ("auto", "torch", "ort", "cuda")
+_cuda_why: list[str | None] = []  # cuda_reason's answer, asked once per process
+
+
+def cuda_reason() -> str | None:
+    """Why the cuda backend cannot run here (one sentence, said once on stderr under auto), or None."""
+    if not _cuda_why:
+        from m3edge.runtime.cuda import cuda_unavailable
+
+        _cuda_why.append("torch sees no CUDA GPU" if not torch.cuda.is_available() else cuda_unavailable())
+    return _cuda_why[0]
 
 
 def default_quantized(backend: str) -> bool:
-    """Which form of the embedded default model a backend runs: int4 on the CPU path."""
-    return backend == "ort" or (backend == "auto" and not torch.cuda.is_available())
+    """Which form of the embedded default model a backend runs: int4 everywhere but the torch reference."""
+    return backend != "torch"
 
 
 def resolve_backend(name: str, model_dir: Path) -> str:
-    """`auto`: ONNX Runtime for an ONNX export, and for a quantized checkpoint when no CUDA GPU is
-    visible and it has been exported (`m3edge chat` / `generate` export it once, into the cache);
-    the torch reference otherwise."""
+    """`auto`: ONNX Runtime for an ONNX export; for a quantized checkpoint the cuda backend where it
+    runs (a CUDA GPU and the native kernels built), else ONNX Runtime once it has been exported
+    (`m3edge chat` / `generate` export it once, into the cache); the torch reference otherwise."""
     from m3edge.model.checkpoint import read_config
     from m3edge.runtime.ort import find_export, is_export
 
     if name not in BACKENDS:
         raise M3Error(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")
     if is_export(model_dir):
-        if name == "torch":
-            raise M3Error(f"{model_dir} is an ONNX export; the torch backend needs the quantized checkpoint it "
+        if name in ("torch", "cuda"):
+            raise M3Error(f"{model_dir} is an ONNX export; the {name} backend needs the quantized checkpoint it "
                           "came from (or use --backend ort)")
         return "ort"
     quantized = bool(read_config(model_dir).quantization_config)
-    if name == "ort" and not quantized:
-        raise M3Error(f"{model_dir} is not quantized and the ort backend runs int4/int8 models: run "
+    if name in ("ort", "cuda") and not quantized:
+        raise M3Error(f"{model_dir} is not quantized and the {name} backend runs int4/int8 models: run "
                       f"`m3edge quantize {model_dir} --out QDIR` first")
+    if name == "cuda":
+        if cuda_reason():
+            raise M3Error(f"the cuda backend cannot run here: {cuda_reason()}")
+        return "cuda"
+    if name == "auto" and quantized and torch.cuda.is_available():
+        if cuda_reason() is None:
+            return "cuda"
+        if not _said:
+            print(f"m3edge: not using the GPU ({cuda_reason()}); running on ONNX Runtime", file=sys.stderr)
+            _said.append(True)
     if not _ort_capable(quantized, name):
         return "torch"
     if find_export(model_dir) is not None:
@@ -108,8 +129,13 @@ def resolve_backend(name: str, model_dir: Path) -> str:
     return "torch"  # auto before the export exists
 
 
+_said: list[bool] = []
+
+
 def _ort_capable(quantized: bool, name: str) -> bool:
-    return quantized and (name == "ort" or (name == "auto" and not torch.cuda.is_available()))
+    """ONNX Runtime runs it: asked for, or auto on a quantized model where the cuda backend cannot."""
+    return quantized and (name == "ort" or (name == "auto" and (not torch.cuda.is_available() or
+                                                               cuda_reason() is not None)))
 
 
 def wants_ort(model_dir: Path, name: str = "auto") -> bool:
@@ -120,10 +146,17 @@ def wants_ort(model_dir: Path, name: str = "auto") -> bool:
     return _ort_capable(bool(read_config(model_dir).quantization_config), name)
 
 
-def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None) -> Backend:
+def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None,
+                 max_context: int | None = None) -> Backend:
+    """The backend `name` resolves to for this model; max_context sizes the cuda backend's KV cache."""
     from m3edge.runtime.ort import find_export
 
     model_dir = Path(model_dir)
-    if resolve_backend(name, model_dir) == "ort":
+    kind = resolve_backend(name, model_dir)
+    if kind == "ort":
         return OrtBackend(find_export(model_dir))
+    if kind == "cuda":
+        from m3edge.runtime.cuda import CudaBackend
+
+        return CudaBackend(model_dir, max_context=max_context)
     return TorchBackend(model_dir, dtype=dtype)

@@ -95,7 +95,8 @@ class Engine:
             raise M3Error(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}, got '{overflow}'")
         self.backend, self.tokenizer, self.model_dir = backend, tokenizer, Path(model_dir)
         self.cfg = backend.cfg
-        self.max_context = min(max_context or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        self.max_context = min(max_context or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings,
+                               getattr(backend, "max_context", None) or self.cfg.max_position_embeddings)
         self.overflow = overflow
         self.eos_ids = set(self.cfg.eos_token_id)
         if tokenizer.eos_token and tokenizer.token_id(tokenizer.eos_token) is not None:
@@ -141,7 +142,7 @@ class Engine:
         if model_dir.is_file() and model_dir.suffix == ".gguf":
             raise M3Error(f"'{model_dir}' is a GGUF file; run `m3edge import {model_dir} --out DIR` and use DIR")
         read_config(model_dir)  # one clear error for a path that is not a checkpoint
-        be = make_backend(backend, model_dir)
+        be = make_backend(backend, model_dir, max_context=max_context)
         return cls(be, Tokenizer.from_dir(model_dir), model_dir, max_context, overflow, limits)
 
     def chat(self, system: str | None = None) -> "ChatSession":

@@ -46,7 +46,7 @@ from m3edge.model.scheme import Scheme
 
 ROOT = Path(__file__).resolve().parents[2] / "native"
 SOURCES = ["binder.cpp", "cuda/w4a16.cu", "cuda/w4a16_f16.cu", "cuda/w4a16_bf16.cu", "cuda/moe.cu",
-           "cuda/moe_f16.cu", "cuda/moe_bf16.cu"]
+           "cuda/moe_f16.cu", "cuda/moe_bf16.cu", "cuda/decode_ops.cu"]
 HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh", "cuda/w4a16_decode.cuh", "cuda/moe.cuh"]
 # No -std: torch picks the standard its headers need (a different one than torch was built with broke
 # the ABI of c10's exceptions: the first error raised through the binder segfaulted, torch 2.11).
@@ -306,6 +306,34 @@ def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     raise_for(load().moe_w4a16(x, topk_ids, topk_weights, gu.w, gu.scales, gu.mins, gu.zeros, dn.w, dn.scales,
                                dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn))
     return out
+
+
+def route_topk(x: torch.Tensor, routers: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor, k: int,
+               n_fusion: int, norm_topk: bool, scale: float, extra_id: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing in one launch (native/cuda/decode_ops.cu): x [T, H], routers [R, E, H] (x's dtype),
+    modality int64 [T], fusion_ok bool [T] -> ids int32, weights fp32 [T, k (+1 with extra_id >= 0:
+    that id, weight 1)]; the reference's `route` choice (m3lite.py)."""
+    width = k + (extra_id >= 0)
+    ids = torch.empty(x.shape[0], width, dtype=torch.int32, device=x.device)
+    w = torch.empty(x.shape[0], width, dtype=torch.float32, device=x.device)
+    raise_for(load().route_topk(x, routers, modality, fusion_ok, ids, w, k, n_fusion, norm_topk, extra_id, scale))
+    return ids, w
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (H,), w, eps) in one launch (native/cuda/decode_ops.cu): x [..., H], H % 8 == 0."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(x2)
+    raise_for(load().rmsnorm(x2, w, out, eps))
+    return out.view(x.shape)
+
+
+def rope_qkv(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
+             sin: torch.Tensor, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             pos: torch.Tensor | None, pos0: int, nh: int, nkv: int, eps: float) -> None:
+    """Batch-1 q/k/v epilogue (native/cuda/decode_ops.cu): q/k RMS norm, RoPE, q into q_out [nh, T, D],
+    k and v into the caches [nkv, cap, D] at slot pos (device int64 [1]) or pos0, plus t."""
+    raise_for(load().rope_qkv(qkv, q_norm, k_norm, cos, sin, q_out, k_cache, v_cache, pos, pos0, nh, nkv, eps))
 
 
 def raise_for(msg: str) -> None:

@@ -122,6 +122,52 @@ int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, in
 
 int m3e_moe_w4a16(const m3e_moe_args* args, void* stream);
 
+// MoE routing (native/cuda/decode_ops.cu) in two launches: the logits (a warp per token and expert:
+// the token's modality picks its router; x and the router's bf16/fp16 values, products summed in
+// fp32; the fusion experts, the last n_fusion, masked where fusion_ok is 0), then a warp per token
+// picks the top k (ties to the
+// lower expert id) with softmax over those k (norm_topk) or over all E, times `scale`, rounded to the
+// activations' type (as the reference's weights are) and stored as fp32. extra_id >= 0 appends one
+// more slot per token, that id with weight 1 (the shared expert run as expert E of the stack).
+typedef struct {
+  const void* x;               // [T, H] fp16 / bf16 (act_bf16)
+  const void* routers;         // [R, E, H] the activations' type
+  const int64_t* modality;     // [T]; a modality >= R (no router) gives zero logits, as the reference
+  const uint8_t* fusion_ok;    // [T]
+  int* ids;                    // [T, k + (extra_id >= 0)] int32
+  float* weights;              // same shape, fp32
+  float* logits;               // [T, E] fp32 scratch
+  int T, H, E, R, k, n_fusion, norm_topk, extra_id, act_bf16;  // H a multiple of 8, x and routers 16-byte aligned
+  float scale;
+} m3e_route_args;
+
+int m3e_route(const m3e_route_args* args, void* stream);
+
+// RMSNorm of T rows of H (a multiple of 8; pointers 16-byte aligned), F.rms_norm's arithmetic: fp32
+// throughout, out = x * rsqrt(mean(x^2) + eps) * w rounded once. x, w, out of one type (act_bf16).
+int m3e_rmsnorm(const void* x, const void* w, void* out, int T, int H, float eps, int act_bf16, void* stream);
+
+// The q/k/v epilogue of attention for batch 1 in one launch, one CTA per (head, token): q and k
+// RMS-normed over head_dim (q_norm / k_norm weights, or none), rotated (NeoX rotate_half RoPE with
+// the given cos / sin rows, each product and the sum rounded to the activations' type as the
+// reference's bf16 ops round them), q written [nh, T, D] and k, v into the layer's cache [nkv, cap,
+// D] at slots pos + t (pos read from the device when pos_dev is set, else pos0).
+typedef struct {
+  const void* qkv;             // [T, (nh + 2 nkv) D]: q heads, k heads, v heads
+  const void* q_norm;          // [D] or NULL
+  const void* k_norm;          // [D] or NULL
+  const void* cos;             // [T, D]
+  const void* sin;             // [T, D]
+  void* q_out;                 // [nh, T, D]
+  void* k_cache;               // [nkv, cap, D]
+  void* v_cache;               // [nkv, cap, D]
+  const int64_t* pos_dev;      // [1] or NULL
+  int pos0, T, nh, nkv, D, cap, act_bf16;
+  float eps;
+} m3e_rope_args;
+
+int m3e_rope_qkv(const m3e_rope_args* args, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

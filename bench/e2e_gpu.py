@@ -1,0 +1,326 @@
+"""End-to-end decode on the GPU: full-size M3-Lite on the cuda backend against the roofline, one table.
+
+Run on the GPU machine (weights are made on the GPU, nothing is read from disk):
+    PYTHONPATH=. python3 bench/e2e_gpu.py [--out DIR] [--smollm2 DIR]
+
+Rows: `lite-24g` and `lite-16g` with random int4 weights (group 128, symmetric, bf16 scales; norms,
+routers, embeddings and lm_head bf16) on the cuda backend, and the same configs in bf16 through the
+plain torch reference model (the baseline; random bf16 weights, eager, its own KV cache); with
+--smollm2, SmolLM2-135M-Instruct as the GGUF stores it (Q4_1 = int4 g32 + float minimums) on both.
+
+Columns:
+- decode tok/s: batch 1, a 32-token text prompt then 128 greedy steps. "graph" times the decode
+  step's CUDA graph replays alone (events around 128 replays); "step" is the backend's whole
+  `forward` per token (input copies, replay, logits to the host), what the engine sees.
+- roofline: copy bandwidth (a 1 GiB device-to-device copy, bytes read + written, same run) over the
+  bytes one decode step must read: every weight except the embedding table (one row), the
+  image/audio embedders and routers (text decode does not run them) and the routed experts not
+  selected (k of E per layer), plus the KV cache up to the step's position.
+- TTFT: prefill of a 448x448 image (196 patch tokens) + 5 s of audio (62 tokens) + 32 text tokens
+  and the first token's logits on the host, median of 5 (features computed beforehand; the CPU
+  frontends' time is printed apart).
+- peak VRAM: torch's max allocated / reserved over load, an 8K-token cache, the TTFT prefill and a
+  decode step at position 8000 (attention over 8192 keys); the CUDA context itself is not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import copy_bandwidth  # noqa: E402
+
+from m3edge.model.checkpoint import checkpoint_tensors  # noqa: E402
+from m3edge.model.m3lite import KVCache, M3Config, M3Lite, expected_tensors, kv_bytes_per_token  # noqa: E402
+from m3edge.model.packing import quantization_config  # noqa: E402
+from m3edge.model.scheme import Scheme  # noqa: E402
+from m3edge.model.synth import PRESETS  # noqa: E402
+from m3edge.prompt import Image, build_prompt  # noqa: E402
+from m3edge.runtime.cuda import CudaBackend, NativeDense, NativeMoE, W4Linear  # noqa: E402
+
+CONTEXT = 8192
+STEPS = 128
+GIB = 2**30
+
+
+class RandomInt4:
+    """Tensor source of a random int4 checkpoint of cfg, every tensor made on the GPU when asked."""
+
+    def __init__(self, cfg: M3Config, seed: int = 0):
+        self.cfg = cfg
+        self.shapes, packed = checkpoint_tensors(cfg)
+        self.weight_shape = {m: expected_tensors(cfg)[n] for n, (m, _) in packed.items()}
+        self.gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, g = self.shapes[name], self.gen
+        module, _, part = name.rpartition(".")
+        if part == "weight_shape":
+            return torch.tensor(self.weight_shape[module], dtype=torch.int64)
+        if part == "weight_packed":
+            return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device="cuda", generator=g)
+        if part == "weight_scale":  # ~ a N(0, 0.02) weight's absmax / 7
+            return (0.006 + 0.004 * torch.rand(shape, device="cuda", generator=g)).to(torch.bfloat16)
+        if "norm" in name:
+            return torch.ones(shape, dtype=torch.bfloat16, device="cuda")
+        return (0.02 * torch.randn(shape, device="cuda", generator=g)).to(torch.bfloat16)
+
+
+def int4_config(preset: str) -> M3Config:
+    raw = dict(PRESETS[preset])
+    targets = ["re:model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj$",
+               "re:model\\.layers\\.\\d+\\.mlp\\.(experts\\.\\d+|shared_experts)\\.(gate|up|down)_proj$"]
+    raw["quantization_config"] = quantization_config([(Scheme(4, 128, True), targets)], [])
+    return M3Config.from_dict(raw)
+
+
+def decode_bytes(be: CudaBackend, position: int) -> int:
+    """Bytes one text decode step reads at `position` (module doc), from what sits on the GPU."""
+    cfg, m = be.cfg, be.model
+    total = 0
+    for name, p in m.named_parameters():
+        if name.startswith(("vision_embed", "audio_embed")):
+            continue
+        if name == "embed_tokens.weight":
+            total += p.shape[1] * p.element_size()  # one row
+            if cfg.tie_word_embeddings:
+                total += p.numel() * p.element_size()
+            continue
+        if ".routers." in name and not name.endswith("routers.0.weight"):
+            continue  # image / audio routers: not run on text
+        total += p.numel() * p.element_size()
+    for mod in m.modules():
+        if isinstance(mod, W4Linear):
+            total += mod.wt.nbytes() + (0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size())
+        elif isinstance(mod, NativeMoE):
+            total += (cfg.num_experts_per_tok + mod.shared_slot) * mod.native.expert_nbytes()
+        elif isinstance(mod, NativeDense):
+            total += mod.native.expert_nbytes()
+    return total + kv_bytes_per_token(cfg) * (position + 1)
+
+
+def text_prompt(cfg: M3Config, n: int):
+    ids = torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    return build_prompt(ids, cfg)
+
+
+def media_prompt(cfg: M3Config):
+    from m3edge.frontends import audio_tokens, image_patches
+
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    patches, grid = image_patches(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    audio = audio_tokens((0.1 * rng.standard_normal(5 * 16000)).astype(np.float32))
+    frontend_s = time.perf_counter() - t0
+    text = torch.randint(100, 20000, (32,), generator=torch.Generator().manual_seed(2)).tolist()
+    ids = [cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id,
+           cfg.audio_start_token_id, cfg.audio_token_id, cfg.audio_end_token_id, *text]
+    return build_prompt(ids, cfg, [Image(patches, grid)], [audio]), frontend_s
+
+
+def prefill(be, prompt, cache):
+    return be.forward(prompt.input_ids[None], prompt.position_ids[:, None], prompt.image_patches,
+                      prompt.audio_features, cache)
+
+
+def run_cuda(name: str, be: CudaBackend, bw: float) -> dict:
+    cfg = be.cfg
+    cache = be.new_cache()
+    prompt = text_prompt(cfg, 32)
+    logits = prefill(be, prompt, cache)
+    pos = int(prompt.position_ids.max()) + 1
+    times = []
+    for _ in range(STEPS):  # the backend's forward per token, as the engine calls it
+        t = int(logits.argmax())
+        t0 = time.perf_counter()
+        logits = be.forward(torch.tensor([[t]]), torch.full((3, 1, 1), pos), None, None, cache)
+        times.append(time.perf_counter() - t0)
+        pos += 1
+    step_tps = 1 / statistics.median(times[8:])
+    g = cache.graphs[max(cache.graphs)]  # the graph of the current length: replays alone
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    s.record()
+    for _ in range(STEPS):
+        g.replay()
+    e.record()
+    torch.cuda.synchronize()
+    graph_us = s.elapsed_time(e) * 1e3 / STEPS
+    nbytes = decode_bytes(be, pos)
+    roof = bw * 1e9 / nbytes
+
+    row = {"model": name, "backend": "cuda int4", "graph_tps": 1e6 / graph_us, "step_tps": step_tps,
+           "roofline_tps": roof, "bytes_per_token": nbytes, "graph_us": graph_us}
+    if cfg.vision_config is not None:
+        mp, frontend_s = media_prompt(cfg)
+        tt = []
+        for _ in range(6):
+            cache.truncate(0, torch.zeros(1, dtype=torch.bool))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prefill(be, mp, cache)
+            tt.append(time.perf_counter() - t0)
+        row.update(ttft_ms=1e3 * statistics.median(tt[1:]), ttft_tokens=len(mp.input_ids),
+                   frontend_ms=1e3 * frontend_s)
+        cache.truncate(8000, torch.zeros(1, dtype=torch.bool))  # a decode step over 8192 keys
+        be.forward(torch.tensor([[100]]), torch.full((3, 1, 1), 8000), None, None, cache)
+    torch.cuda.synchronize()
+    row.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB,
+               peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    return row
+
+
+@torch.inference_mode()
+def run_bf16(name: str, cfg: M3Config, bw: float, steps: int = 16) -> dict:
+    """The plain torch reference in bf16 with random weights (made in place on the GPU)."""
+    with torch.device("meta"):
+        m = M3Lite(cfg).to(torch.bfloat16)
+    m = m.to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, p in m.named_parameters():
+        if "norm" in n:
+            p.fill_(1)
+        else:
+            p.normal_(0, 0.02, generator=gen)
+    m.eval()
+    cache = KVCache(cfg.num_hidden_layers)
+    prompt = text_prompt(cfg, 32)
+    logits = m(prompt.input_ids[None].cuda(), prompt.position_ids[:, None].cuda(), cache=cache, last_only=True)
+    pos = int(prompt.position_ids.max()) + 1
+    times = []
+    for _ in range(steps):
+        t = logits[0, -1].argmax().view(1, 1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = m(t, torch.full((3, 1, 1), pos, device="cuda"), cache=cache, last_only=True)
+        logits[0, -1].float().cpu()
+        times.append(time.perf_counter() - t0)
+        pos += 1
+    act = sum(p.numel() * p.element_size() for n, p in m.named_parameters()
+              if not n.endswith(("mlp.gate_up", "mlp.down")) and not n.startswith(("vision", "audio", "embed")))
+    experts = sum(p[0].numel() * p.element_size() * cfg.num_experts_per_tok for n, p in m.named_parameters()
+                  if n.endswith(("mlp.gate_up", "mlp.down")))
+    nbytes = act + experts + kv_bytes_per_token(cfg) * pos
+    row = {"model": name, "backend": "torch bf16", "graph_tps": float("nan"), "step_tps": 1 / statistics.median(times[2:]),
+           "roofline_tps": bw * 1e9 / nbytes, "bytes_per_token": nbytes,
+           "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB}
+    del m, cache
+    return row
+
+
+def run_smollm2(path: Path, bw: float) -> list[dict]:
+    from m3edge.runtime.backends import TorchBackend
+
+    be = CudaBackend(path, max_context=CONTEXT)
+    rows = [{**run_cuda("SmolLM2-135M Q4_1", be, bw), "model": "SmolLM2-135M Q4_1"}]
+    del be
+    ref = TorchBackend(path, dtype=torch.bfloat16, device="cuda")
+    cache = ref.new_cache()
+    prompt = text_prompt(ref.cfg, 32)
+    logits = prefill(ref, prompt, cache)
+    pos, times = 32, []
+    for _ in range(32):
+        t0 = time.perf_counter()
+        logits = ref.forward(torch.tensor([[int(logits.argmax())]]), torch.full((3, 1, 1), pos), None, None, cache)
+        times.append(time.perf_counter() - t0)
+        pos += 1
+    rows.append({"model": "SmolLM2-135M Q4_1", "backend": "torch bf16 (dequantized)", "graph_tps": float("nan"),
+                 "step_tps": 1 / statistics.median(times[2:]), "roofline_tps": float("nan")})
+    return rows
+
+
+def profile(preset: str, layers: int = 4) -> None:
+    """The GPU kernels of one eager decode step (a `layers`-deep cut of the preset), by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    raw = {**PRESETS[preset], "num_hidden_layers": layers}
+    cfg = int4_config(preset)
+    cfg = M3Config.from_dict({**raw, "quantization_config": cfg.quantization_config})
+    be = CudaBackend(cfg=cfg, source=RandomInt4(cfg), max_context=CONTEXT, graphs=False)
+    cache = be.new_cache()
+    prefill(be, text_prompt(cfg, 32), cache)
+    step = lambda: be.forward(torch.tensor([[100]]), torch.full((3, 1, 1), 40), None, None, cache)  # noqa: E731
+    for _ in range(3):
+        step()
+        cache.n -= 1
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        step()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="write results.json and table.md here")
+    ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
+    ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
+    ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
+    args = ap.parse_args()
+    if args.profile:
+        return profile(args.only[0])
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
+    rows = []
+    for preset in args.only:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        be = CudaBackend(cfg=int4_config(preset), source=RandomInt4(int4_config(preset)), max_context=CONTEXT)
+        load_s = time.perf_counter() - t0
+        row = run_cuda(preset, be, bw)
+        row["load_s"] = load_s
+        rows.append(row)
+        print(row, flush=True)
+        del be
+        if not args.no_bf16:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                rows.append(run_bf16(preset, M3Config.from_dict(PRESETS[preset]), bw))
+                print(rows[-1], flush=True)
+            except torch.OutOfMemoryError as e:  # say it in the table, keep the run going
+                print(f"{preset} bf16: out of memory ({e})".splitlines()[0], flush=True)
+    if args.smollm2:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        rows += run_smollm2(args.smollm2, bw)
+
+    lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s, batch 1, {CONTEXT}-token cache\n",
+             "| model | backend | decode tok/s (graph) | decode tok/s (step) | roofline tok/s | % roofline (graph / step) "
+             "| MB read / token | TTFT ms (tokens) | peak VRAM GiB (alloc / reserved) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        roof = r.get("roofline_tps", float("nan"))
+        pct = (f"{100 * r['graph_tps'] / roof:.0f}% / {100 * r['step_tps'] / roof:.0f}%"
+               if roof == roof and r["graph_tps"] == r["graph_tps"] else
+               f"- / {100 * r['step_tps'] / roof:.1f}%" if roof == roof else "-")
+        ttft = f"{r['ttft_ms']:.1f} ({r['ttft_tokens']})" if "ttft_ms" in r else "-"
+        vram = (f"{r['peak_alloc_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else
+                f"{r['peak_alloc_gib']:.2f}" if "peak_alloc_gib" in r else "-")
+        mb = f"{r['bytes_per_token'] / 1e6:.0f}" if "bytes_per_token" in r else "-"
+        lines.append(f"| {r['model']} | {r['backend']} | {r['graph_tps']:.0f} | {r['step_tps']:.0f} | {roof:.0f} | "
+                     f"{pct} | {mb} | {ttft} | {vram} |")
+    table = "\n".join(lines)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "table.md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

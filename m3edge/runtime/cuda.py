@@ -1,0 +1,566 @@
+"""The `cuda` backend: a quantized M3 checkpoint on one NVIDIA GPU, through the native int4 kernels.
+
+Load (once). The reference model (m3lite.py) is built on the meta device and its modules swapped for
+the kernels' ones, each weight read once from the checkpoint (or any `TensorSource`) and repacked on
+the GPU (runtime/native.py; not cached on disk: repacking is done on the GPU as the weights arrive):
+q, k and v become one int4 GEMM over their stacked rows (`FusedQKVAttention`), o one `W4Linear`;
+the routed experts of an MoE layer one `W4Experts` for the fused MoE kernel pair, with the shared
+expert appended as one more expert when it has their shape (`NativeMoE`: one launch pair for all
+nine slots); a dense layer's SwiGLU a one-expert `NativeDense`. Every RMSNorm becomes one kernel
+(`FastRMSNorm`). What the kernels do not take (embeddings, routers, embedders, the int8 lm_head,
+int8 or partial-group linears) is dequantized into the activation dtype. Before anything is
+allocated a `MemoryPlan` (weights as they will sit on the GPU + the KV cache for the context +
+scratch) is checked against the GPU's free memory: a context that does not fit is refused, naming
+the largest that does.
+
+Run. Prefill, and anything with an image or audio, runs the reference model's own forward over these
+modules and a static KV cache (preallocated for the context), in chunks of PREFILL_CHUNK tokens. A
+decode step (one text token) replays a CUDA graph: one per power-of-two attention length (from
+128), captured on a cache's first step in that range, attending to that many keys with those past
+the cache masked, so nothing is launched from Python. Per layer: RMSNorm, the q/k/v GEMM, q/k norm
++ RoPE + the cache write in one kernel (native.rope_qkv), torch's scaled_dot_product_attention, o,
+RMSNorm, the routing kernel (fp32 logits per modality, fusion mask, top-k, softmax: native.route_topk),
+the MoE pair: about 15 launches where the reference's ops made about 100 (NOTES.md, "CUDA runtime").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m3edge.errors import M3Error
+from m3edge.model.m3lite import (MODALITY_TEXT, Attention, KVCache, M3Config, M3Lite, MoE, RMSNorm, expected_tensors,
+                                 kv_bytes_per_token, param_for, rope_cos_sin, rope_inv_freq, select_experts)
+from m3edge.model.scheme import Scheme
+from m3edge.runtime import native
+
+PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the attention scratch at long contexts
+SCRATCH_FIXED = 512 * 2**20  # CUDA context extras, cuBLAS and kernel workspaces, graph pools (measured, see bench)
+MIN_BUCKET = 128
+
+
+class ContextTooLarge(M3Error):
+    """The requested context does not fit the GPU's memory."""
+
+
+class TensorSource(Protocol):
+    """Where the weights come from: a checkpoint (`checkpoint.TensorFiles`) or generated tensors."""
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------- memory plan
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes on the GPU: weights (as loaded), the KV cache for `context` tokens, scratch."""
+
+    weights: int
+    kv_per_token: int
+    context: int
+    scratch_per_token: int  # prefill activations, per token of a chunk
+    free: int  # what the GPU has free now
+
+    @property
+    def scratch(self) -> int:
+        return SCRATCH_FIXED + self.scratch_per_token * min(self.context, PREFILL_CHUNK)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_per_token * self.context + self.scratch
+
+    def largest_context(self) -> int:
+        room = self.free - self.weights - SCRATCH_FIXED - self.scratch_per_token * PREFILL_CHUNK
+        return max(0, room // self.kv_per_token)
+
+    def check(self) -> None:
+        if self.total > self.free:
+            n = self.largest_context()
+            gib = 2**30
+            hint = (f"the largest context that fits is {n} tokens (--max-context {n})" if n >= 1 else
+                    "not even the weights and scratch fit; use a smaller variant (fewer experts) or a card "
+                    "with more memory")
+            raise ContextTooLarge(
+                f"a {self.context}-token context needs {self.total / gib:.2f} GiB on the GPU (weights "
+                f"{self.weights / gib:.2f} GiB, KV cache {self.kv_per_token * self.context / gib:.2f} GiB, scratch "
+                f"{self.scratch / gib:.2f} GiB) and {self.free / gib:.2f} GiB is free; {hint}")
+
+
+def plan_memory(cfg: M3Config, packed: dict[str, tuple[str, Scheme]], context: int, free: int,
+                dtype_bytes: int = 2) -> MemoryPlan:
+    """The plan for `cfg` with the packed linears `packed` (checkpoint_tensors' second half) from the
+    shapes alone: nothing is read or allocated."""
+    weights = 0
+    for name, shape in expected_tensors(cfg).items():
+        n_el = math.prod(shape)
+        entry = packed.get(name)
+        if entry is not None and _kernel_takes(entry[1], shape):
+            s = entry[1]
+            groups = shape[0] * s.n_groups(shape[1])
+            weights += n_el // 2 + groups * (2 + (2 if s.float_min else 1 if not s.symmetric else 0))
+        else:
+            weights += n_el * dtype_bytes
+    H, k = cfg.hidden_size, max(cfg.num_experts_per_tok, 1)
+    inter = max(cfg.moe_intermediate_size * k * 3, cfg.dense_intermediate_size * 3,
+                cfg.num_shared_experts * cfg.shared_expert_intermediate_size * 3)
+    # per chunk token: a dozen hidden-sized tensors, the MLP intermediates, fp32 attention scores
+    per_token = dtype_bytes * (12 * H + inter) + 4 * cfg.num_attention_heads * PREFILL_CHUNK
+    return MemoryPlan(weights, kv_bytes_per_token(cfg, dtype_bytes), context, per_token, free)
+
+
+def _kernel_takes(s: Scheme, shape: tuple[int, ...]) -> bool:
+    """Whether the int4 kernels run this packed linear (else it is dequantized)."""
+    n, k = shape
+    return s.bits == 4 and n % 64 == 0 and k % 64 == 0 and (s.group == -1 or (s.group in (32, 64, 128)
+                                                                               and k % s.group == 0))
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+class W4Linear(nn.Module):
+    """y = x W^T (+ b) through the W4A16 kernel; W in the kernels' layout."""
+
+    def __init__(self, wt: native.W4Weights, bias: torch.Tensor | None):
+        super().__init__()
+        self.wt, self.bias = wt, bias  # plain attributes: to_empty / .to(dtype) leave them alone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = native.w4a16_gemm(x.contiguous(), self.wt)
+        return y if self.bias is None else y + self.bias
+
+
+class FastRMSNorm(nn.Module):
+    """RMSNorm in one kernel (native.rmsnorm, F.rms_norm's arithmetic: fp32 inside, one rounding)
+    instead of the reference's seven elementwise ones."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.is_contiguous() and x.shape[-1] % 8 == 0 and x.data_ptr() % 16 == 0:
+            return native.rmsnorm(x, self.weight, self.eps)  # ours: ~2 us a row where F.rms_norm took 6
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class FusedQKVAttention(Attention):
+    """Attention whose q, k and v come from one int4 GEMM over their stacked rows."""
+
+    def __init__(self, attn: Attention, qkv: W4Linear):
+        nn.Module.__init__(self)
+        self.layer, self.nh, self.nkv, self.hd, self.use_qk_norm = attn.layer, attn.nh, attn.nkv, attn.hd, attn.use_qk_norm
+        self.o_proj = attn.o_proj
+        if attn.use_qk_norm:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.qkv = qkv
+        self.sizes = (self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd)
+
+    def project(self, x: torch.Tensor):
+        return self.qkv(x).split(self.sizes, dim=-1)
+
+    def forward(self, x, cos, sin, mask, cache):
+        """With the backend's cache: the q/k/v epilogue in one kernel (native.rope_qkv) writing the
+        cache itself; otherwise the reference's forward over `project`."""
+        if not isinstance(cache, StaticKVCache) or self.hd % 32:
+            return super().forward(x, cos, sin, mask, cache)
+        B, S, _ = x.shape
+        y = self.qkv(x).view(S, -1)
+        q = torch.empty(self.nh, S, self.hd, dtype=x.dtype, device=x.device)
+        kb, vb = cache.kbuf[self.layer, 0], cache.vbuf[self.layer, 0]  # [nkv, cap, D]
+        graph = cache.graph_keys is not None
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else (None, None, 0.0)
+        native.rope_qkv(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), q, kb, vb,
+                        cache.step.pos if graph else None, cache.n, self.nh, self.nkv, norms[2])
+        keys = cache.graph_keys if graph else cache.n + S
+        out = F.scaled_dot_product_attention(q[None], kb[None, :, :keys], vb[None, :, :keys], attn_mask=mask,
+                                             enable_gqa=self.nh != self.nkv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.hd))
+
+
+class NativeMoE(MoE):
+    """The reference MoE with the routed experts in the fused int4 kernel pair (the shared expert too,
+    as one more slot of weight 1, when it has the routed experts' shape), and routing that never waits
+    for the host (every router on every token, each token keeping its own modality's logits), so the
+    decode step can be captured in a graph. Same expert choice as `route`."""
+
+    def __init__(self, moe: MoE, experts: native.W4Experts, shared_slot: bool = False):
+        nn.Module.__init__(self)
+        self.cfg, self.routers, self.routing_log = moe.cfg, moe.routers, None
+        self.shared_experts = None if shared_slot else moe.shared_experts
+        self.native, self.shared_slot = experts, shared_slot
+        self._w: torch.Tensor | None = None  # [R, E, H] fp32 routers, made once the weights are in
+        self._r: torch.Tensor | None = None  # [R, E, H] for the routing kernel (on a GPU)
+
+    def prepare(self) -> None:
+        self._w = torch.stack([r.weight.float() for r in self.routers])
+        E, k = self._w.shape[1], self.cfg.num_experts_per_tok
+        if self._w.is_cuda and E <= 256 and k <= 16 and self._w.shape[2] <= 12288:
+            self._r = torch.stack([r.weight for r in self.routers]).contiguous()
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor) -> torch.Tensor:
+        """On the GPU: routing (shared slot included) in one kernel, then the fused expert pair."""
+        if self._r is None:
+            return super().forward(x, modality, fusion_ok)
+        B, S, H = x.shape
+        xt = x.reshape(-1, H).contiguous()
+        c = self.cfg
+        ids, w = native.route_topk(xt, self._r, modality.reshape(-1).contiguous(), fusion_ok.reshape(-1).contiguous(),
+                                   c.num_experts_per_tok, c.num_fusion_experts, c.norm_topk_prob,
+                                   c.routed_scaling_factor, self.native.n_experts - 1 if self.shared_slot else -1)
+        y = native.moe_w4a16(xt, ids, w, self.native)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xt)
+        return y.view(B, S, H)
+
+    def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
+        logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]
+        R, T, E = logits.shape
+        picked = logits.gather(0, modality.clamp(max=R - 1)[None, :, None].expand(1, T, E))[0]
+        picked = torch.where((modality < R)[:, None], picked, 0.0)  # no router for that modality: zeros, as route()
+        return select_experts(self.cfg, picked, fusion_ok, x.dtype)
+
+    def experts(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.shared_slot:  # the shared expert is expert E of the stack, weight 1 for every token
+            idx = torch.cat([idx, torch.full_like(idx[:, :1], self.native.n_experts - 1)], 1)
+            w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+        return native.moe_w4a16(x.contiguous(), idx, w, self.native)
+
+
+class NativeDense(nn.Module):
+    """A dense layer's SwiGLU as a one-expert MoE: gate+up+SiLU*up and down in the fused pair."""
+
+    def __init__(self, experts: native.W4Experts):
+        super().__init__()
+        self.native = experts
+        self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> (ids, weights), made once
+
+    def forward(self, x: torch.Tensor, modality=None, fusion_ok=None) -> torch.Tensor:
+        xt = x.reshape(-1, x.shape[-1]).contiguous()
+        T = xt.shape[0]
+        if T not in self._slots:
+            self._slots[T] = (torch.zeros(T, 1, dtype=torch.int32, device=x.device),
+                              torch.ones(T, 1, dtype=torch.float32, device=x.device))
+        ids, w = self._slots[T]
+        return native.moe_w4a16(xt, ids, w, self.native).view(x.shape)
+
+
+class StaticKVCache(KVCache):
+    """A KV cache preallocated for `capacity` tokens (batch 1). Eager forwards append at `length`;
+    inside a decode graph (`graph_keys` set) one token goes to the device position `pos` and
+    attention reads the first `graph_keys` positions."""
+
+    def __init__(self, cfg: M3Config, capacity: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(cfg.num_hidden_layers)
+        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.kbuf = torch.zeros(shape, dtype=dtype, device=device)
+        self.vbuf = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity, self.n = capacity, 0
+        self._ones = torch.ones(1, capacity, dtype=torch.bool, device=device)
+        self.seen_nontext = torch.zeros(1, dtype=torch.bool, device=device)
+        self.graph_keys: int | None = None
+        self.step: _DecodeInputs | None = None  # the decode graphs' inputs, made on the first step
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    @property
+    def length(self) -> int:
+        return self.n
+
+    @property
+    def mask(self) -> torch.Tensor:  # batch 1, no padding: every cached position is a key
+        return self._ones[:, :self.n]
+
+    @mask.setter
+    def mask(self, value) -> None:  # the reference forward writes it back; nothing to keep
+        pass
+
+    def truncate(self, n: int, seen_nontext: torch.Tensor) -> None:
+        self.n = n
+        self.seen_nontext = seen_nontext.to(self.kbuf.device, torch.bool).reshape(1)
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph_keys is not None:
+            self.kbuf[i].index_copy_(2, self.step.pos, k)
+            self.vbuf[i].index_copy_(2, self.step.pos, v)
+            return self.kbuf[i][:, :, :self.graph_keys], self.vbuf[i][:, :, :self.graph_keys]
+        end = self.n + k.shape[2]
+        self.kbuf[i][:, :, self.n:end] = k
+        self.vbuf[i][:, :, self.n:end] = v
+        return self.kbuf[i][:, :, :end], self.vbuf[i][:, :, :end]
+
+
+@dataclass
+class _DecodeInputs:
+    """Static tensors a decode graph reads (copied in before each replay) and writes."""
+
+    ids: torch.Tensor  # [1, 1] long
+    position: torch.Tensor  # [3, 1, 1] long
+    pos: torch.Tensor  # [1] long: the cache slot the token's K/V go to
+    seen: torch.Tensor  # [1] bool: fusion rule bit
+    logits: torch.Tensor  # [V] fp32
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str, Scheme]], device: torch.device,
+                dtype: torch.dtype, progress=None) -> M3Lite:
+    """The reference model with the kernels' modules in place, weights on `device` (see module doc)."""
+    with torch.device("meta"):
+        model = M3Lite(cfg)
+    names = set(source.names())
+    done: set[str] = set()
+
+    def parts(module: str) -> dict[str, torch.Tensor]:
+        got = {k: source.get(f"{module}.{k}").to(device) for k in
+               ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_min")
+               if f"{module}.{k}" in names}
+        done.update(f"{module}.{k}" for k in got)
+        return got
+
+    def takes(name: str) -> bool:
+        return name in packed and _kernel_takes(packed[name][1], tuple(expected[name]))
+
+    expected = expected_tensors(cfg)
+    n_layers = cfg.num_hidden_layers
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [f"{p}.self_attn.{x}_proj" for x in "qkv"]
+        if all(takes(f"{m}.weight") for m in qkv) and len({packed[f"{m}.weight"][1] for m in qkv}) == 1:
+            layer.self_attn = FusedQKVAttention(attn, _linear([parts(m) for m in qkv], packed[f"{qkv[0]}.weight"][1],
+                                                              [_bias(source, names, m, device, dtype, done)
+                                                               for m in qkv]))
+            attn = layer.self_attn
+        else:
+            for x in "qkv":
+                if takes(f"{p}.self_attn.{x}_proj.weight"):
+                    m = f"{p}.self_attn.{x}_proj"
+                    setattr(attn, f"{x}_proj", _linear([parts(m)], packed[f"{m}.weight"][1],
+                                                       [_bias(source, names, m, device, dtype, done)]))
+        if takes(f"{p}.self_attn.o_proj.weight"):
+            m = f"{p}.self_attn.o_proj"
+            attn.o_proj = _linear([parts(m)], packed[f"{m}.weight"][1], [_bias(source, names, m, device, dtype, done)])
+
+        sh = f"{p}.mlp.shared_experts"
+        has_shared = getattr(mlp, "shared_experts", None) is not None
+        shared_ok = has_shared and all(takes(f"{sh}.{x}_proj.weight") for x in ("gate", "up", "down"))
+        if isinstance(mlp, MoE):
+            ex = [f"{p}.mlp.experts.{e}" for e in range(cfg.num_experts)]
+            mods = [f"{m}.{x}_proj" for m in ex for x in ("gate", "up", "down")]
+            schemes = {packed[f"{m}.weight"][1] for m in mods if m + ".weight" in packed}
+            if all(takes(f"{m}.weight") for m in mods) and len(schemes) == 1:
+                fold = shared_ok and {packed[f"{sh}.{x}_proj.weight"][1] for x in ("gate", "up", "down")} == schemes \
+                    and expected[f"{sh}.gate_proj.weight"] == expected[f"{ex[0]}.gate_proj.weight"]
+                ex = ex + [sh] if fold else ex
+                stacks = native.repack_experts(*[[parts(f"{m}.{x}_proj") for m in ex] for x in ("gate", "up", "down")],
+                                               schemes.pop())
+                layer.mlp = mlp = NativeMoE(mlp, stacks, shared_slot=fold)
+        elif shared_ok and len({packed[f"{sh}.{x}_proj.weight"][1] for x in ("gate", "up", "down")}) == 1:
+            layer.mlp = mlp = NativeDense(native.repack_experts(*[[parts(f"{sh}.{x}_proj")] for x in ("gate", "up", "down")],
+                                                                packed[f"{sh}.gate_proj.weight"][1]))
+        if getattr(mlp, "shared_experts", None) is not None:  # not folded: its own GEMMs
+            for x in ("gate", "up", "down"):
+                m = f"{sh}.{x}_proj"
+                if takes(f"{m}.weight"):
+                    setattr(mlp.shared_experts, f"{x}_proj", _linear([parts(m)], packed[f"{m}.weight"][1], [None]))
+        if progress:
+            progress("repack", i + 1, n_layers)
+    # everything else: materialise the meta parameters left, then load them (dequantized if packed)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy of the tables on the GPU
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in expected:
+            if name in done:
+                continue
+            dst, sl = param_for(cfg, name)
+            if dst not in params or (name in packed and takes(name)):
+                continue  # repacked above (a NativeMoE layer's stacked experts have no parameter)
+            p_ = params[dst] if sl is None else params[dst][sl]
+            if name in packed:
+                _dequantize_into(p_, parts(packed[name][0]), packed[name][1])
+            elif name in names:
+                p_.copy_(source.get(name))  # straight from the source's device: no second copy on the GPU
+    for name, mod in list(model.named_modules()):  # fused norms, and the routers' fp32 stack
+        for child, sub in list(mod.named_children()):
+            if isinstance(sub, RMSNorm):
+                setattr(mod, child, FastRMSNorm(sub))
+        if isinstance(mod, NativeMoE):
+            mod.prepare()
+    return model.eval()
+
+
+def _dequantize_into(dst: torch.Tensor, t: dict[str, torch.Tensor], scheme: Scheme, rows: int = 8192) -> None:
+    """dst [N, K] = the dequantized pack-quantized linear, a block of rows at a time (an fp32 copy of
+    a whole int8 lm_head would be 2.5 GB more on the GPU at load than the plan counts)."""
+    from m3edge.model.packing import dequantize_linear
+
+    n, k = (int(v) for v in t["weight_shape"].tolist())
+    per_word = 32 // scheme.bits  # zero points: rows packed per int32 (rows is a multiple of it)
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        part = {key: v[a:b] for key, v in t.items() if key in ("weight_packed", "weight_scale", "weight_min")}
+        if "weight_zero_point" in t:
+            part["weight_zero_point"] = t["weight_zero_point"][a // per_word:-(-b // per_word)]
+        part["weight_shape"] = torch.tensor([b - a, k])
+        dst[a:b].copy_(dequantize_linear(part, scheme))
+
+
+def _bias(source: TensorSource, names: set[str], module: str, device, dtype, done: set[str]) -> torch.Tensor | None:
+    if f"{module}.bias" not in names:
+        return None
+    done.add(f"{module}.bias")
+    return source.get(f"{module}.bias").to(device, dtype)
+
+
+def _linear(parts: list[dict[str, torch.Tensor]], scheme: Scheme, biases: list[torch.Tensor | None]) -> W4Linear:
+    """One W4Linear over the stacked rows of these pack-quantized linears (same inputs and scheme)."""
+    if len(parts) == 1:
+        t = parts[0]
+    else:
+        k = {int(x["weight_shape"][1]) for x in parts}
+        if len(k) != 1:
+            raise M3Error(f"only linears with the same inputs stack, got in_features {sorted(k)}")
+        t = {key: torch.cat([x[key] for x in parts]) for key in parts[0] if key != "weight_shape"}
+        t["weight_shape"] = torch.tensor([sum(int(x["weight_shape"][0]) for x in parts), k.pop()])
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(int(x["weight_shape"][0]), device=t["weight_packed"].device)
+         for b, x in zip(biases, parts)])
+    return W4Linear(native.repack(t, scheme), bias)
+
+
+# ---------------------------------------------------------------------------------------------- backend
+
+
+def cuda_unavailable() -> str | None:
+    """Why the cuda backend cannot run here (one sentence), or None when it can (builds the extension)."""
+    try:
+        native.load()
+    except native.NativeUnavailable as e:
+        return str(e)
+    return None
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, model_dir: str | Path | None = None, max_context: int | None = None,
+                 dtype: torch.dtype = torch.bfloat16, graphs: bool = True, *, cfg: M3Config | None = None,
+                 source: TensorSource | None = None, progress=None):
+        """A checkpoint directory, or (cfg, source) for weights made elsewhere (the benchmark's
+        random full-size model). max_context None: the model's, or the largest that fits."""
+        from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, validate
+
+        why = cuda_unavailable()
+        if why:
+            raise native.NativeUnavailable(why)
+        if model_dir is not None:
+            cfg = read_config(model_dir)
+            source = TensorFiles(model_dir)
+            validate(cfg, source)
+        if not cfg.quantization_config:
+            raise M3Error("the cuda backend runs int4 checkpoints: run `m3edge quantize` first (or use --backend torch)")
+        packed = checkpoint_tensors(cfg)[1]
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device("cuda", torch.cuda.current_device())
+        free = torch.cuda.mem_get_info(self.device)[0]
+        want = max_context or cfg.max_position_embeddings
+        self.plan = plan_memory(cfg, packed, want, free, torch.finfo(dtype).bits // 8)
+        if max_context is None and self.plan.total > free:  # nothing asked: take what fits
+            self.plan.context = min(want, self.plan.largest_context())
+        self.plan.check()
+        self.max_context = self.plan.context
+        self.model = build_model(cfg, source, packed, self.device, dtype, progress)
+        self.inv_freq = rope_inv_freq(cfg).to(self.device)
+        self.use_graphs = graphs
+        self._keys = torch.arange(self.max_context, device=self.device)
+
+    def new_cache(self) -> StaticKVCache:
+        return StaticKVCache(self.cfg, self.max_context, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, position_ids, image_patches, audio_features, cache: StaticKVCache):
+        S = input_ids.shape[1]
+        if cache.n + S > cache.capacity:
+            raise M3Error(f"the cache holds {cache.capacity} tokens and {cache.n} are used; {S} more do not fit")
+        if S == 1 and image_patches is None and audio_features is None and self.use_graphs:
+            return self._decode(input_ids, position_ids, cache)
+        ids, pos = input_ids.to(self.device), position_ids.to(self.device)
+        img = None if image_patches is None else image_patches.to(self.device)
+        aud = None if audio_features is None else audio_features.to(self.device)
+        n_img = n_aud = 0
+        for a in range(0, S, PREFILL_CHUNK):  # chunks: each one's media rows follow its placeholders
+            b = min(a + PREFILL_CHUNK, S)
+            chunk = ids[:, a:b]
+            ci = _rows(img, chunk, self.cfg.image_token_id, n_img)
+            ca = _rows(aud, chunk, self.cfg.audio_token_id, n_aud)
+            n_img += 0 if ci is None else ci.shape[0]
+            n_aud += 0 if ca is None else ca.shape[0]
+            logits = self.model(chunk, pos[:, :, a:b], ci, ca, cache=cache, last_only=True)
+            cache.n += b - a
+        return logits[0, -1].float().cpu()
+
+    def _decode(self, input_ids, position_ids, cache: StaticKVCache) -> torch.Tensor:
+        keys = min(max(MIN_BUCKET, 1 << (cache.n).bit_length()), cache.capacity)  # >= n + 1 keys
+        if cache.step is None:
+            d = self.device
+            cache.step = _DecodeInputs(torch.zeros(1, 1, dtype=torch.long, device=d),
+                                       torch.zeros(3, 1, 1, dtype=torch.long, device=d),
+                                       torch.zeros(1, dtype=torch.long, device=d),
+                                       torch.zeros(1, dtype=torch.bool, device=d),
+                                       torch.zeros(self.cfg.vocab_size, dtype=torch.float32, device=d))
+        st = cache.step
+        st.ids.copy_(input_ids.reshape(1, 1))
+        st.position.copy_(position_ids.reshape(3, 1, 1))
+        st.pos.fill_(cache.n)
+        st.seen.copy_(cache.seen_nontext.reshape(1))
+        g = cache.graphs.get(keys)
+        if g is None:
+            g = cache.graphs[keys] = self._capture(cache, keys)
+        g.replay()
+        cache.n += 1
+        return st.logits.cpu()
+
+    def _capture(self, cache: StaticKVCache, keys: int) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up off the capture (kernel workspaces, cuBLAS handles)
+            self._step(cache, keys)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # its own pool: a pool shared with a dead cache's graphs broke the next capture
+            self._step(cache, keys)
+        return g
+
+    def _step(self, cache: StaticKVCache, keys: int) -> None:
+        """One text token through every layer from the static inputs (what a decode graph holds)."""
+        m, st = self.model, cache.step
+        h = m.embed_tokens(st.ids)  # [1, 1, H]
+        cos, sin = rope_cos_sin(self.cfg, self.inv_freq, st.position, h.dtype)
+        mask = (self._keys[:keys] <= st.pos)[None, None, None]  # [1, 1, 1, keys]
+        modality = torch.full((1, 1), MODALITY_TEXT, dtype=torch.long, device=self.device)
+        fusion_ok = st.seen.view(1, 1)
+        cache.graph_keys = keys
+        try:
+            for layer in m.layers:
+                h = layer(h, cos, sin, mask, cache, modality, fusion_ok)
+        finally:
+            cache.graph_keys = None
+        st.logits.copy_(m.logits(h)[0, -1].float())
+
+
+def _rows(feats: torch.Tensor | None, chunk: torch.Tensor, token: int | None, start: int) -> torch.Tensor | None:
+    """The feature rows of a chunk's placeholders, which follow the `start` rows used before it."""
+    if feats is None or token is None:
+        return None
+    n = int((chunk == token).sum())
+    return feats[start:start + n] if n else None

@@ -1,0 +1,266 @@
+// The small ops of a decode step, fused (m3e_api.cuh: m3e_route, m3e_rope_qkv). Run by eager torch
+// they were ~25 elementwise, sort and gather launches per layer (routing) and ~20 (q/k norm, RoPE,
+// cache writes), 1-4 us each at one token: more time than the layer's int4 GEMMs (NOTES.md).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "m3e_api.cuh"
+
+namespace m3e {
+namespace ops {
+
+template <bool BF16>
+struct Act;
+template <>
+struct Act<true> {
+  using T = __nv_bfloat16;
+  static __device__ __forceinline__ float f(T v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ T t(float v) { return __float2bfloat16(v); }
+};
+template <>
+struct Act<false> {
+  using T = __half;
+  static __device__ __forceinline__ float f(T v) { return __half2float(v); }
+  static __device__ __forceinline__ T t(float v) { return __float2half(v); }
+};
+
+constexpr int MAX_EXPERTS = 256;  // 8 per lane of the selecting warp
+constexpr int MAX_TOPK = 16;
+
+// The two bf16 / fp16 values of a 32-bit word as floats (lo = the first in memory).
+__device__ __forceinline__ void pair(uint32_t u, float& lo, float& hi, bool bf16) {
+  if (bf16) {
+    lo = __uint_as_float(u << 16);
+    hi = __uint_as_float(u & 0xffff0000u);
+  } else {
+    lo = __half2float(__ushort_as_half((unsigned short)(u & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+  }
+}
+
+__device__ __forceinline__ float dot8(uint4 a, uint4 b, bool bf16) {
+  float s = 0.f, a0, a1, b0, b1;
+  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    pair(av[i], a0, a1, bf16);
+    pair(bv[i], b0, b1, bf16);
+    s = fmaf(a0, b0, s);
+    s = fmaf(a1, b1, s);
+  }
+  return s;
+}
+
+// Router logits: grid (ceil(E / LOGIT_WARPS), T), one warp per expert, 16-byte loads of x and the
+// router row. Two warps a CTA spread one token's E rows over E / 2 SMs (eight a CTA took 7 us at E =
+// 48, H = 4096 on the H100: six SMs pulling 393 KB).
+constexpr int LOGIT_WARPS = 2;
+
+template <bool BF16>
+__global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_route_args a, float* logits) {
+  const int t = blockIdx.y, e = blockIdx.x * LOGIT_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (e >= a.E) return;
+  const int64_t m = a.modality[t];
+  float s = 0.f;
+  if (m >= 0 && m < a.R) {
+    const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
+    const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H);
+#pragma unroll 4
+    for (int i = lane; i < a.H / 8; i += 32) s += dot8(x[i], w[i], BF16);
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  }
+  if (lane == 0) logits[(size_t)t * a.E + e] = (a.n_fusion && !a.fusion_ok[t] && e >= a.E - a.n_fusion) ? -INFINITY : s;
+}
+
+// (value, expert) order of the top-k: larger value first, then the lower expert id.
+__device__ __forceinline__ bool better(float v, int e, float bv, int be) { return v > bv || (v == bv && e < be); }
+
+// Top k of one token's logits by one warp (8 experts a lane), softmax, weights, ids.
+template <bool BF16>
+__global__ void __launch_bounds__(32) route_select_kernel(m3e_route_args a, const float* logits) {
+  using A = Act<BF16>;
+  const int t = blockIdx.x, lane = threadIdx.x;
+  float v[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int e = lane + 32 * r;
+    v[r] = e < a.E ? logits[(size_t)t * a.E + e] : -INFINITY;
+  }
+  float mx = -INFINITY, den = 0.f;
+  if (!a.norm_topk) {  // softmax over all experts, then the top k of it
+#pragma unroll
+    for (int r = 0; r < 8; ++r) mx = fmaxf(mx, v[r]);
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+#pragma unroll
+    for (int r = 0; r < 8; ++r) den += lane + 32 * r < a.E ? expf(v[r] - mx) : 0.f;
+    for (int o = 16; o; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+  }
+  unsigned taken = 0;  // bit r: expert lane + 32 r already picked
+  float top0 = 0.f, sum = 0.f, my_val = 0.f;
+  int my_id = 0;
+  for (int j = 0; j < a.k; ++j) {
+    float bv = -INFINITY;
+    int be = 0x7fffffff;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      const int e = lane + 32 * r;
+      if (e < a.E && !(taken >> r & 1u) && better(v[r], e, bv, be)) {
+        bv = v[r];
+        be = e;
+      }
+    }
+    for (int o = 16; o; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+      if (better(ov, oe, bv, be)) {
+        bv = ov;
+        be = oe;
+      }
+    }
+    if (be % 32 == lane) taken |= 1u << (be / 32);
+    if (j == 0) top0 = bv;
+    if (a.norm_topk) sum += expf(bv - top0);
+    if (lane == j) {  // lane j keeps slot j
+      my_val = bv;
+      my_id = be;
+    }
+  }
+  const int width = a.k + (a.extra_id >= 0);
+  if (lane < a.k) {
+    const float p = a.norm_topk ? expf(my_val - top0) / sum : expf(my_val - mx) / den;
+    a.ids[(size_t)t * width + lane] = my_id;
+    a.weights[(size_t)t * width + lane] = A::f(A::t(p * a.scale));
+  }
+  if (lane == 0 && a.extra_id >= 0) {
+    a.ids[(size_t)t * width + a.k] = a.extra_id;
+    a.weights[(size_t)t * width + a.k] = 1.f;
+  }
+}
+
+// RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors.
+template <bool BF16>
+__global__ void __launch_bounds__(256) rmsnorm_kernel(const void* x_, const void* w_, void* out_, int H, float eps) {
+  using A = Act<BF16>;
+  using T = typename A::T;
+  __shared__ float scratch[8];
+  const int t = blockIdx.x;
+  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(x_) + (size_t)t * H);
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < H / 8; i += blockDim.x) ss += dot8(x[i], x[i], BF16);
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < (int)blockDim.x / 32; ++i) total += scratch[i];
+  const float r = rsqrtf(total / H + eps);
+  const uint4* w = reinterpret_cast<const uint4*>(w_);
+  uint4* out = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out_) + (size_t)t * H);
+  for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
+    const uint4 xv = x[i], wv = w[i];
+    const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+    uint32_t o[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float x0, x1, w0, w1;
+      pair(xs[j], x0, x1, BF16);
+      pair(ws[j], w0, w1, BF16);
+      const T lo = A::t(x0 * r * w0), hi = A::t(x1 * r * w1);
+      o[j] = (uint32_t)reinterpret_cast<const uint16_t&>(lo) | ((uint32_t)reinterpret_cast<const uint16_t&>(hi) << 16);
+    }
+    out[i] = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = (blockDim.x + 31) / 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < n_warps; ++i) s += scratch[i];
+  return s;
+}
+
+template <bool BF16>
+__global__ void rope_qkv_kernel(m3e_rope_args a) {
+  using A = Act<BF16>;
+  using T = typename A::T;
+  __shared__ float rotated[512];  // [D] normed values, for rotate_half's partner
+  __shared__ float scratch[16];
+  const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x, D = a.D, half = D / 2;
+  const T* row = static_cast<const T*>(a.qkv) + (size_t)t * (a.nh + 2 * a.nkv) * D;
+  const int slot = (a.pos_dev ? (int)a.pos_dev[0] : a.pos0) + t;
+  if (h >= a.nh + a.nkv) {  // a v head: straight into the cache
+    const int hv = h - a.nh - a.nkv;
+    static_cast<T*>(a.v_cache)[((size_t)hv * a.cap + slot) * D + d] = row[(size_t)h * D + d];
+    return;
+  }
+  const bool is_q = h < a.nh;
+  float v = A::f(row[(size_t)h * D + d]);
+  const T* nw = static_cast<const T*>(is_q ? a.q_norm : a.k_norm);
+  if (nw) {  // F.rms_norm: fp32 throughout, one rounding
+    const float ss = block_sum(v * v, scratch);
+    v = A::f(A::t(v * rsqrtf(ss / D + a.eps) * A::f(nw[d])));
+  }
+  rotated[d] = v;
+  __syncthreads();
+  const float c = A::f(static_cast<const T*>(a.cos)[(size_t)t * D + d]);
+  const float s = A::f(static_cast<const T*>(a.sin)[(size_t)t * D + d]);
+  const float partner = d < half ? -rotated[d + half] : rotated[d - half];
+  const T out = A::t(A::f(A::t(v * c)) + A::f(A::t(partner * s)));
+  if (is_q)
+    static_cast<T*>(a.q_out)[((size_t)h * a.T + t) * D + d] = out;
+  else
+    static_cast<T*>(a.k_cache)[((size_t)(h - a.nh) * a.cap + slot) * D + d] = out;
+}
+
+}  // namespace ops
+}  // namespace m3e
+
+extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
+  if (!a || !a->x || !a->routers || !a->modality || !a->fusion_ok || !a->ids || !a->weights || !a->logits)
+    return M3E_ERR_ARG;
+  if (a->T < 1 || a->H < 8 || a->H % 8 || a->E < 1 || a->E > m3e::ops::MAX_EXPERTS || a->R < 1 || a->k < 1 ||
+      a->k > m3e::ops::MAX_TOPK || a->k > a->E || a->n_fusion < 0 || a->n_fusion >= a->E)
+    return M3E_ERR_SHAPE;
+  if ((reinterpret_cast<uintptr_t>(a->x) | reinterpret_cast<uintptr_t>(a->routers)) & 15) return M3E_ERR_ALIGN;
+  auto s = static_cast<cudaStream_t>(stream);
+  constexpr int W = m3e::ops::LOGIT_WARPS;
+  dim3 grid((a->E + W - 1) / W, a->T);
+  if (a->act_bf16) {
+    m3e::ops::route_logits_kernel<true><<<grid, 32 * W, 0, s>>>(*a, a->logits);
+    m3e::ops::route_select_kernel<true><<<a->T, 32, 0, s>>>(*a, a->logits);
+  } else {
+    m3e::ops::route_logits_kernel<false><<<grid, 32 * W, 0, s>>>(*a, a->logits);
+    m3e::ops::route_select_kernel<false><<<a->T, 32, 0, s>>>(*a, a->logits);
+  }
+  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+}
+
+extern "C" int m3e_rmsnorm(const void* x, const void* w, void* out, int T, int H, float eps, int act_bf16,
+                           void* stream) {
+  if (!x || !w || !out) return M3E_ERR_ARG;
+  if (T < 1 || H < 8 || H % 8) return M3E_ERR_SHAPE;
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15)
+    return M3E_ERR_ALIGN;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (act_bf16)
+    m3e::ops::rmsnorm_kernel<true><<<T, 256, 0, s>>>(x, w, out, H, eps);
+  else
+    m3e::ops::rmsnorm_kernel<false><<<T, 256, 0, s>>>(x, w, out, H, eps);
+  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+}
+
+extern "C" int m3e_rope_qkv(const m3e_rope_args* a, void* stream) {
+  if (!a || !a->qkv || !a->cos || !a->sin || !a->q_out || !a->k_cache || !a->v_cache) return M3E_ERR_ARG;
+  if (a->T < 1 || a->nh < 1 || a->nkv < 1 || a->D < 32 || a->D % 32 || a->D > 512 || a->cap < 1) return M3E_ERR_SHAPE;
+  dim3 grid(a->nh + 2 * a->nkv, a->T);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (a->act_bf16)
+    m3e::ops::rope_qkv_kernel<true><<<grid, a->D, 0, s>>>(*a);
+  else
+    m3e::ops::rope_qkv_kernel<false><<<grid, a->D, 0, s>>>(*a);
+  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+}
