@@ -19,8 +19,10 @@ Columns:
 - TTFT: prefill of a 448x448 image (196 patch tokens) + 5 s of audio (62 tokens) + 32 text tokens
   and the first token's logits on the host, median of 5 (features computed beforehand; the CPU
   frontends' time is printed apart).
-- peak VRAM: torch's max allocated / reserved over load, an 8K-token cache, the TTFT prefill and a
-  decode step at position 8000 (attention over 8192 keys); the CUDA context itself is not in it.
+- peak VRAM: torch's max allocated / reserved while running with an 8K-token cache (decode, the
+  TTFT prefill, a decode step at position 8000 attending to 8192 keys); the CUDA context itself is
+  not in it. The load's own peak (weights arriving and being repacked) and the memory plan's total
+  are printed with each row.
 """
 
 from __future__ import annotations
@@ -72,10 +74,11 @@ class RandomInt4:
         if part == "weight_packed":
             return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device="cuda", generator=g)
         if part == "weight_scale":  # ~ a N(0, 0.02) weight's absmax / 7
-            return (0.006 + 0.004 * torch.rand(shape, device="cuda", generator=g)).to(torch.bfloat16)
+            return torch.rand(shape, device="cuda", generator=g, dtype=torch.bfloat16).mul_(0.004).add_(0.006)
         if "norm" in name:
             return torch.ones(shape, dtype=torch.bfloat16, device="cuda")
-        return (0.02 * torch.randn(shape, device="cuda", generator=g)).to(torch.bfloat16)
+        # made in bf16 and scaled in place: an fp32 draw of the 151936 x 4096 tables would add 5 GB to the peak
+        return torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16).mul_(0.02)
 
 
 def int4_config(preset: str) -> M3Config:
@@ -241,8 +244,9 @@ def run_smollm2(path: Path, bw: float) -> list[dict]:
     return rows
 
 
-def profile(preset: str, layers: int = 4) -> None:
-    """The GPU kernels of one eager decode step (a `layers`-deep cut of the preset), by total time."""
+def profile(preset: str, layers: int = 4, prefill_media: bool = False) -> None:
+    """The GPU kernels of one eager decode step (a `layers`-deep cut of the preset), by total time;
+    with prefill_media, of the TTFT prompt's prefill instead."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
@@ -252,10 +256,24 @@ def profile(preset: str, layers: int = 4) -> None:
     be = CudaBackend(cfg=cfg, source=RandomInt4(cfg), max_context=CONTEXT, graphs=False)
     cache = be.new_cache()
     prefill(be, text_prompt(cfg, 32), cache)
-    step = lambda: be.forward(torch.tensor([[100]]), torch.full((3, 1, 1), 40), None, None, cache)  # noqa: E731
+    def step():
+        be.forward(torch.tensor([[100]]), torch.full((3, 1, 1), 40), None, None, cache)
+
+    if prefill_media:
+        mp, _ = media_prompt(cfg)
+
+        def step():
+            cache.truncate(0, torch.zeros(1, dtype=torch.bool))
+            prefill(be, mp, cache)
     for _ in range(3):
         step()
-        cache.n -= 1
+        cache.n -= 0 if prefill_media else 1
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    print(f"{'prefill of the TTFT prompt' if prefill_media else 'decode step'}, {layers} layers: "
+          f"{1e3 * (time.perf_counter() - t0):.2f} ms wall")
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         step()
         torch.cuda.synchronize()
@@ -269,9 +287,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
+    ap.add_argument("--profile-prefill", action="store_true", help="only list the kernels of the TTFT prefill")
     args = ap.parse_args()
-    if args.profile:
-        return profile(args.only[0])
+    if args.profile or args.profile_prefill:
+        return profile(args.only[0], prefill_media=args.profile_prefill)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []
@@ -281,8 +300,10 @@ def main() -> None:
         t0 = time.perf_counter()
         be = CudaBackend(cfg=int4_config(preset), source=RandomInt4(int4_config(preset)), max_context=CONTEXT)
         load_s = time.perf_counter() - t0
+        load_peak = torch.cuda.max_memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()  # the run's peak from here: weights + cache + scratch
         row = run_cuda(preset, be, bw)
-        row["load_s"] = load_s
+        row.update(load_s=load_s, load_peak_gib=load_peak, plan_gib=be.plan.total / GIB)
         rows.append(row)
         print(row, flush=True)
         del be
@@ -312,7 +333,8 @@ def main() -> None:
         vram = (f"{r['peak_alloc_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else
                 f"{r['peak_alloc_gib']:.2f}" if "peak_alloc_gib" in r else "-")
         mb = f"{r['bytes_per_token'] / 1e6:.0f}" if "bytes_per_token" in r else "-"
-        lines.append(f"| {r['model']} | {r['backend']} | {r['graph_tps']:.0f} | {r['step_tps']:.0f} | {roof:.0f} | "
+        num = (lambda v: "-" if v != v else f"{v:.0f}")  # noqa: E731 - nan: not measured for this row
+        lines.append(f"| {r['model']} | {r['backend']} | {num(r['graph_tps'])} | {num(r['step_tps'])} | {num(roof)} | "
                      f"{pct} | {mb} | {ttft} | {vram} |")
     table = "\n".join(lines)
     if args.out:

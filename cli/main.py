@@ -479,9 +479,12 @@ def devices():
 def _cuda_status() -> str:
     import torch
 
-    if not torch.cuda.is_available():
-        return "no (no CUDA GPU visible to torch)"
-    return f"GPU {torch.cuda.get_device_name(0)} visible; the m3edge CUDA kernels are not built yet"
+    from m3edge.runtime.backends import cuda_reason
+
+    why = cuda_reason()  # builds the kernels on first use where a GPU is visible
+    if why:
+        return f"no ({why})"
+    return f"yes, {torch.cuda.get_device_name(0)} (the cuda backend runs int4 checkpoints)"
 
 
 def _ort_status() -> str:

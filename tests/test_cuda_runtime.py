@@ -92,6 +92,21 @@ def test_dequantize_by_row_blocks_is_exact(bits, n):
     assert torch.equal(out, dequantize_linear(t, s))
 
 
+def test_dropped_caches_give_their_slot_back():
+    from m3edge.runtime.cuda import StaticKVCache, _Slot
+
+    cfg = M3Config.from_dict(PRESETS["tiny"])
+    free: list = []
+    slot = _Slot.make(cfg, 16, torch.device("cpu"), torch.bfloat16)
+    cache = StaticKVCache(cfg, slot, free.append)
+    assert cache.capacity == 16 and cache.length == 0 and cache.kbuf is slot.kbuf
+    k = torch.ones(1, cfg.num_key_value_heads, 3, cfg.head_dim, dtype=torch.bfloat16)
+    kk, _ = cache.update(0, k, k)
+    assert kk.shape[2] == 3 and not free
+    del cache, kk
+    assert free == [slot]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
@@ -325,3 +340,25 @@ def test_small_ops_binder_checks_name_the_shapes():
     with pytest.raises(ValueError, match=r"rope_qkv: slots 30..34 are outside the cache's 32"):
         native.raise_for(ext.rope_qkv(qkv, None, None, cs, cs, torch.zeros(8, 5, 64, dtype=bf), cache, cache.clone(),
                                       None, 30, 8, 2, 1e-6))
+
+
+@pytest.mark.gpu
+def test_engine_chats_on_the_cuda_backend(smol_carried):
+    """The engine end to end on the cuda backend (auto picks it): two turns of one session, the second
+    reusing the first's KV cache."""
+    from m3edge.runtime.engine import Engine
+
+    with Engine.load(smol_carried, max_context=1024) as engine:
+        assert engine.backend.name == "cuda" and engine.max_context == 1024
+        chat = engine.chat()
+        first = chat.reply("What is the capital of France? Answer in one sentence.", max_tokens=24)
+        assert "Paris" in first.text and first.tokens_per_s > 0
+        second = chat.reply("And of Italy?", max_tokens=24)
+        assert second.generated_tokens > 0 and second.text.strip()
+        print(first.text, "|", second.text, f"| {first.tokens_per_s:.0f} tok/s")
+        del chat  # its cache's slot (buffers and decode graphs) goes back to the backend
+        (slot,) = engine.backend._free
+        captured = dict(slot.graphs)
+        again = engine.complete("What is the capital of France? Answer in one sentence.", max_tokens=24)
+        assert again.text == first.text  # greedy, same prompt, on the reused slot
+        assert engine.backend._free == [slot] and slot.graphs == captured  # reused: nothing captured anew

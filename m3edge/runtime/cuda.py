@@ -26,7 +26,7 @@ the MoE pair: about 15 launches where the reference's ops made about 100 (NOTES.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -254,22 +254,64 @@ class NativeDense(nn.Module):
         return native.moe_w4a16(xt, ids, w, self.native).view(x.shape)
 
 
-class StaticKVCache(KVCache):
-    """A KV cache preallocated for `capacity` tokens (batch 1). Eager forwards append at `length`;
-    inside a decode graph (`graph_keys` set) one token goes to the device position `pos` and
-    attention reads the first `graph_keys` positions."""
+@dataclass
+class _DecodeInputs:
+    """Static tensors a decode graph reads (copied in before each replay) and writes."""
 
-    def __init__(self, cfg: M3Config, capacity: int, device: torch.device, dtype: torch.dtype):
-        super().__init__(cfg.num_hidden_layers)
+    ids: torch.Tensor  # [1, 1] long
+    position: torch.Tensor  # [3, 1, 1] long
+    pos: torch.Tensor  # [1] long: the cache slot the token's K/V go to
+    seen: torch.Tensor  # [1] bool: fusion rule bit
+    logits: torch.Tensor  # [V] fp32
+
+
+@dataclass
+class _Slot:
+    """A cache's device memory and the decode graphs captured on it: when its cache is dropped it goes
+    back to the backend's free list, and the next cache reuses the buffers and the graphs (no new
+    allocation, no new capture for a conversation after the first)."""
+
+    kbuf: torch.Tensor  # [layers, 1, kv heads, capacity, head_dim]
+    vbuf: torch.Tensor
+    ones: torch.Tensor  # [1, capacity] bool
+    step: _DecodeInputs | None = None  # made on the first decode step
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # attention length -> graph
+
+    @classmethod
+    def make(cls, cfg: M3Config, capacity: int, device: torch.device, dtype: torch.dtype) -> "_Slot":
         shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        self.kbuf = torch.zeros(shape, dtype=dtype, device=device)
-        self.vbuf = torch.zeros(shape, dtype=dtype, device=device)
-        self.capacity, self.n = capacity, 0
-        self._ones = torch.ones(1, capacity, dtype=torch.bool, device=device)
-        self.seen_nontext = torch.zeros(1, dtype=torch.bool, device=device)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.ones(1, capacity, dtype=torch.bool, device=device))
+
+
+class StaticKVCache(KVCache):
+    """A KV cache preallocated for `capacity` tokens (batch 1), on a `_Slot`. Eager forwards append at
+    `length`; inside a decode graph (`graph_keys` set) one token goes to the device position
+    `step.pos` and attention reads the first `graph_keys` positions."""
+
+    def __init__(self, cfg: M3Config, slot: _Slot, release=None):
+        super().__init__(cfg.num_hidden_layers)
+        self._slot, self._release = slot, release
+        self.kbuf, self.vbuf, self._ones = slot.kbuf, slot.vbuf, slot.ones
+        self.capacity, self.n = slot.kbuf.shape[3], 0
+        self.seen_nontext = torch.zeros(1, dtype=torch.bool, device=slot.kbuf.device)
         self.graph_keys: int | None = None
-        self.step: _DecodeInputs | None = None  # the decode graphs' inputs, made on the first step
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def __del__(self):
+        if self._release is not None:
+            self._release(self._slot)
+
+    @property
+    def step(self) -> _DecodeInputs | None:
+        return self._slot.step
+
+    @step.setter
+    def step(self, value: _DecodeInputs) -> None:
+        self._slot.step = value
+
+    @property
+    def graphs(self) -> dict[int, torch.cuda.CUDAGraph]:
+        return self._slot.graphs
 
     @property
     def length(self) -> int:
@@ -296,17 +338,6 @@ class StaticKVCache(KVCache):
         self.kbuf[i][:, :, self.n:end] = k
         self.vbuf[i][:, :, self.n:end] = v
         return self.kbuf[i][:, :, :end], self.vbuf[i][:, :, :end]
-
-
-@dataclass
-class _DecodeInputs:
-    """Static tensors a decode graph reads (copied in before each replay) and writes."""
-
-    ids: torch.Tensor  # [1, 1] long
-    position: torch.Tensor  # [3, 1, 1] long
-    pos: torch.Tensor  # [1] long: the cache slot the token's K/V go to
-    seen: torch.Tensor  # [1] bool: fusion rule bit
-    logits: torch.Tensor  # [V] fp32
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -482,10 +513,14 @@ class CudaBackend:
         self.model = build_model(cfg, source, packed, self.device, dtype, progress)
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.use_graphs = graphs
+        self._free: list[_Slot] = []  # slots of dropped caches
         self._keys = torch.arange(self.max_context, device=self.device)
 
     def new_cache(self) -> StaticKVCache:
-        return StaticKVCache(self.cfg, self.max_context, self.device, self.dtype)
+        """A cache on a free slot (its buffers and graphs reused), or on a new one: the memory plan
+        counts one; each conversation held open at once takes one more."""
+        slot = self._free.pop() if self._free else _Slot.make(self.cfg, self.max_context, self.device, self.dtype)
+        return StaticKVCache(self.cfg, slot, self._free.append)
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, image_patches, audio_features, cache: StaticKVCache):
