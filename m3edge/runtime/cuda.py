@@ -514,12 +514,23 @@ class CudaBackend:
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.use_graphs = graphs
         self._free: list[_Slot] = []  # slots of dropped caches
+        self._slots = 0  # slots made
         self._keys = torch.arange(self.max_context, device=self.device)
 
     def new_cache(self) -> StaticKVCache:
         """A cache on a free slot (its buffers and graphs reused), or on a new one: the memory plan
         counts one; each conversation held open at once takes one more."""
-        slot = self._free.pop() if self._free else _Slot.make(self.cfg, self.max_context, self.device, self.dtype)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            try:
+                slot = _Slot.make(self.cfg, self.max_context, self.device, self.dtype)
+            except torch.OutOfMemoryError:
+                need = kv_bytes_per_token(self.cfg, self.dtype.itemsize) * self.max_context / 2**30
+                raise M3Error(f"no GPU memory for one more conversation's KV cache ({need:.2f} GiB for "
+                              f"{self.max_context} tokens) while {self._slots} are open; close one, or load "
+                              "with a smaller --max-context") from None
+            self._slots += 1
         return StaticKVCache(self.cfg, slot, self._free.append)
 
     @torch.inference_mode()
