@@ -75,6 +75,7 @@ class OrtBackend:
 
 BACKENDS = ("auto", "torch", "ort", "cuda")
 _cuda_why: list[str | None] = []  # cuda_reason's answer, asked once per process
+_said: list[bool] = []  # auto has said on stderr why it does not use the GPU
 
 
 def cuda_reason() -> str | None:
@@ -127,9 +128,6 @@ def resolve_backend(name: str, model_dir: Path) -> str:
         raise M3Error(f"{model_dir} has no ONNX export yet: run `m3edge export {model_dir} --format onnx --out DIR` "
                       "and load DIR (or run `m3edge chat` on it once)")
     return "torch"  # auto before the export exists
-
-
-_said: list[bool] = []
 
 
 def _ort_capable(quantized: bool, name: str) -> bool:

@@ -516,6 +516,10 @@ class CudaBackend:
         self._free: list[_Slot] = []  # slots of dropped caches
         self._slots = 0  # slots made
         self._keys = torch.arange(self.max_context, device=self.device)
+        if graphs:  # capture the first length's graph now, so a first reply does not pause at its second token
+            warm = self.new_cache()
+            self.forward(torch.zeros(1, 1, dtype=torch.long), torch.zeros(3, 1, 1, dtype=torch.long), None, None, warm)
+            del warm  # its slot, graph included, is the next cache's
 
     def new_cache(self) -> StaticKVCache:
         """A cache on a free slot (its buffers and graphs reused), or on a new one: the memory plan
