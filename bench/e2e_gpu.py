@@ -3,8 +3,8 @@
 Run on the GPU machine (weights are made on the GPU, nothing is read from disk):
     PYTHONPATH=. python3 bench/e2e_gpu.py [--out DIR] [--smollm2 DIR]
 
-Rows: `lite-24g` and `lite-16g` with random int4 weights (group 128, symmetric, bf16 scales; norms,
-routers, embeddings and lm_head bf16) on the cuda backend, and the same configs in bf16 through the
+Rows: `lite-24g` and `lite-16g` with random int4 weights (group 128, symmetric, bf16 scales; lm_head
+int8 per 128 as `m3edge quantize` writes it; norms, routers and embeddings bf16) on the cuda backend, and the same configs in bf16 through the
 plain torch reference model (the baseline; random bf16 weights, eager, its own KV cache); with
 --smollm2, SmolLM2-135M-Instruct as the GGUF stores it (Q4_1 = int4 g32 + float minimums) on both.
 
@@ -47,7 +47,7 @@ from m3edge.model.packing import quantization_config  # noqa: E402
 from m3edge.model.scheme import Scheme  # noqa: E402
 from m3edge.model.synth import PRESETS  # noqa: E402
 from m3edge.prompt import Image, build_prompt  # noqa: E402
-from m3edge.runtime.cuda import CudaBackend, NativeDense, NativeMoE, W4Linear  # noqa: E402
+from m3edge.runtime.cuda import CudaBackend, NativeDense, NativeMoE, W4Linear, W8Linear  # noqa: E402
 
 CONTEXT = 8192
 STEPS = 128
@@ -85,7 +85,8 @@ def int4_config(preset: str) -> M3Config:
     raw = dict(PRESETS[preset])
     targets = ["re:model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj$",
                "re:model\\.layers\\.\\d+\\.mlp\\.(experts\\.\\d+|shared_experts)\\.(gate|up|down)_proj$"]
-    raw["quantization_config"] = quantization_config([(Scheme(4, 128, True), targets)], [])
+    raw["quantization_config"] = quantization_config([(Scheme(4, 128, True), targets), (Scheme(8, 128, True), ["lm_head"])],
+                                                     [])
     return M3Config.from_dict(raw)
 
 
@@ -111,6 +112,8 @@ def decode_bytes(be: CudaBackend, position: int) -> int:
             total += (cfg.num_experts_per_tok + mod.shared_slot) * mod.native.expert_nbytes()
         elif isinstance(mod, NativeDense):
             total += mod.native.expert_nbytes()
+        elif isinstance(mod, W8Linear):
+            total += mod.hi.nbytes() + mod.lo.nbytes()
     return total + kv_bytes_per_token(cfg) * (position + 1)
 
 

@@ -108,6 +108,26 @@ def test_dropped_caches_give_their_slot_back():
     assert free == [slot]
 
 
+@pytest.mark.parametrize("group", [128, -1])
+def test_int8_as_two_int4_planes_is_exact(group):
+    """W8Linear's split: the two int4 linears dequantize to the int8 one exactly (fp32), through
+    the kernels' repack as well (its bit-exact reference is tested in test_cuda_kernels)."""
+    from m3edge.model.packing import dequantize_linear, pack_linear
+    from m3edge.runtime import native
+    from m3edge.runtime.cuda import _w8_linear, split_int8
+
+    s = Scheme(8, group, True)
+    n, k = 192, 256
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    q[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
+    scale = (torch.rand(n, s.n_groups(k)) * 0.01 + 1e-4).bfloat16().float()
+    t = pack_linear(q, scale, None, s)
+    t_hi, t_lo, s_hi, s_lo = split_int8(t, s)
+    assert torch.equal(dequantize_linear(t_hi, s_hi) + dequantize_linear(t_lo, s_lo), dequantize_linear(t, s))
+    w8 = _w8_linear(t, s, rows=64)  # row blocks, concatenated: the same as one repack
+    assert torch.equal(w8.hi.w, native.repack(t_hi, s_hi).w) and torch.equal(w8.lo.zeros, native.repack(t_lo, s_lo).zeros)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
@@ -389,3 +409,24 @@ def test_long_prompt_prefills_in_chunks(smol_carried):
     err = {k: max(float((a - b).abs().max()) for a, b in zip(v, out["fp32"])) for k, v in out.items()}
     print(f"{len(ids)}-token prompt: max logit error vs fp32 {err}")
     assert err["cuda fp16"] <= 1.5 * err["torch fp16"] + 1e-3
+
+
+@pytest.mark.gpu
+def test_w8linear_matches_the_int8_matmul():
+    """The int8 lm_head as two int4 GEMMs against x @ W^T in fp64 on the dequantized int8 weight."""
+    from m3edge.model.packing import dequantize_linear, pack_linear
+    from m3edge.runtime.cuda import _w8_linear
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    s = Scheme(8, 128, True)
+    n, k = 2048 + 64, 1024
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, k // 128, generator=g) * 0.01 + 1e-4).bfloat16().float()
+    t = {name: v.cuda() for name, v in pack_linear(q, scale, None, s).items()}
+    w8 = _w8_linear(t, s, rows=1024)
+    for M in (1, 3, 17):
+        x = torch.randn(M, k, device="cuda").bfloat16()
+        ref = x.double() @ dequantize_linear(t, s).double().T
+        out = w8(x)
+        assert out.dtype == torch.float32
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

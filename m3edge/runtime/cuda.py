@@ -6,9 +6,10 @@ the GPU (runtime/native.py; not cached on disk: repacking is done on the GPU as 
 q, k and v become one int4 GEMM over their stacked rows (`FusedQKVAttention`), o one `W4Linear`;
 the routed experts of an MoE layer one `W4Experts` for the fused MoE kernel pair, with the shared
 expert appended as one more expert when it has their shape (`NativeMoE`: one launch pair for all
-nine slots); a dense layer's SwiGLU a one-expert `NativeDense`. Every RMSNorm becomes one kernel
-(`FastRMSNorm`). What the kernels do not take (embeddings, routers, embedders, the int8 lm_head,
-int8 or partial-group linears) is dequantized into the activation dtype. Before anything is
+nine slots); a dense layer's SwiGLU a one-expert `NativeDense`; the int8 lm_head two int4 GEMMs
+(`W8Linear`, exact, fp32 logits). Every RMSNorm becomes one kernel (`FastRMSNorm`). What the
+kernels do not take (embeddings, routers, embedders, int8 layer linears, partial groups) is
+dequantized into the activation dtype. Before anything is
 allocated a `MemoryPlan` (weights as they will sit on the GPU + the KV cache for the context +
 scratch) is checked against the GPU's free memory: a context that does not fit is refused, naming
 the largest that does.
@@ -107,6 +108,8 @@ def plan_memory(cfg: M3Config, packed: dict[str, tuple[str, Scheme]], context: i
             s = entry[1]
             groups = shape[0] * s.n_groups(shape[1])
             weights += n_el // 2 + groups * (2 + (2 if s.float_min else 1 if not s.symmetric else 0))
+        elif entry is not None and _w8_takes(entry[1], shape):  # two int4 planes (W8Linear)
+            weights += n_el + shape[0] * entry[1].n_groups(shape[1]) * (2 + 2 + 1)
         else:
             weights += n_el * dtype_bytes
     H, k = cfg.hidden_size, max(cfg.num_experts_per_tok, 1)
@@ -124,6 +127,11 @@ def _kernel_takes(s: Scheme, shape: tuple[int, ...]) -> bool:
                                                                                and k % s.group == 0))
 
 
+def _w8_takes(s: Scheme, shape: tuple[int, ...]) -> bool:
+    """Whether a packed int8 linear runs as two int4 ones (W8Linear): symmetric, shapes the int4 kernels take."""
+    return s.bits == 8 and s.symmetric and _kernel_takes(Scheme(4, s.group, True), shape)
+
+
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -137,6 +145,61 @@ class W4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = native.w4a16_gemm(x.contiguous(), self.wt)
         return y if self.bias is None else y + self.bias
+
+
+class W8Linear(nn.Module):
+    """y = x W^T for a symmetric int8 W (the lm_head) through the int4 kernel twice, exactly:
+    q = 16 hi + lo with hi = q >> 4 in [-8, 7] at scale 16 s and lo = q & 15 in [0, 15] (stored as
+    lo - 8 with zero point -8) at scale s; both partial products in fp32, summed: the logits come out
+    fp32. Half the bytes of the bf16 matrix it replaced (0.62 of 1.24 GB for M3-Lite)."""
+
+    def __init__(self, hi: native.W4Weights, lo: native.W4Weights):
+        super().__init__()
+        self.hi, self.lo, self.n = hi, lo, hi.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        a = torch.empty(x2.shape[0], self.n, dtype=torch.float32, device=x.device)
+        b = torch.empty_like(a)
+        native.w4a16_gemm(x2, self.hi, out=a)
+        native.w4a16_gemm(x2, self.lo, out=b)
+        return a.add_(b).view(*x.shape[:-1], self.n)
+
+
+def split_int8(t: dict[str, torch.Tensor], scheme: Scheme) -> tuple[dict, dict, Scheme, Scheme]:
+    """A symmetric int8 pack-quantized linear as the two int4 ones of W8Linear (its docstring): their
+    dequantized sum is the int8 one's, exactly (each term is a small integer times a bf16/fp16 scale,
+    or 16 times one)."""
+    from m3edge.model.packing import pack_linear, unpack_linear
+
+    u = unpack_linear(t, scheme)
+    dt = t["weight_scale"].dtype
+    hi, lo = u.q >> 4, (u.q & 15) - 8  # int8 arithmetic shift; two's complement and
+    s_hi, s_lo = Scheme(4, scheme.group, True), Scheme(4, scheme.group, False)
+    return (pack_linear(hi.to(torch.int8), u.scale * 16, None, s_hi, dt),
+            pack_linear(lo.to(torch.int8), u.scale, torch.full_like(u.scale, -8, dtype=torch.int32), s_lo, dt),
+            s_hi, s_lo)
+
+
+def _w8_linear(t: dict[str, torch.Tensor], scheme: Scheme, rows: int = 16384) -> W8Linear:
+    """W8Linear of a packed int8 linear (N a multiple of 64), split and repacked a block of rows (a
+    multiple of 64) at a time: an int64 intermediate of a whole 151936 x 4096 table would be 5 GB."""
+    n, k = (int(v) for v in t["weight_shape"].tolist())
+    his, los = [], []
+    for a in range(0, n, rows):  # rows: whole 16-row slabs and 8-row zero-point words
+        b = min(a + rows, n)
+        part = {key: t[key][a:b] for key in ("weight_packed", "weight_scale")}
+        part["weight_shape"] = torch.tensor([b - a, k])
+        t_hi, t_lo, s_hi, s_lo = split_int8(part, scheme)
+        his.append(native.repack(t_hi, s_hi))
+        los.append(native.repack(t_lo, s_lo))
+
+    def cat(ws: list[native.W4Weights]) -> native.W4Weights:
+        z = None if ws[0].zeros is None else torch.cat([w.zeros for w in ws])
+        return native.W4Weights(torch.cat([w.w for w in ws]), torch.cat([w.scales for w in ws]), None, z, n, k,
+                                ws[0].group)
+
+    return W8Linear(cat(his), cat(los))
 
 
 class FastRMSNorm(nn.Module):
@@ -406,6 +469,9 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
                     setattr(mlp.shared_experts, f"{x}_proj", _linear([parts(m)], packed[f"{m}.weight"][1], [None]))
         if progress:
             progress("repack", i + 1, n_layers)
+    lm = packed.get("lm_head.weight")
+    if lm is not None and _w8_takes(lm[1], tuple(expected["lm_head.weight"])):
+        model.lm_head = _w8_linear(parts(lm[0]), lm[1])
     # everything else: materialise the meta parameters left, then load them (dequantized if packed)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy of the tables on the GPU
 
