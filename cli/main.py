@@ -69,7 +69,9 @@ def load_engine(model: Optional[Path], backend: str, max_context: Optional[int] 
     from m3edge.runtime.engine import Engine
 
     model = prepare_model(model, backend)
-    return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow, limits=limits)
+    with progress_bar("loading") as update:  # shows only where the load reports (the cuda backend's repack)
+        return Engine.load(model, backend=backend, max_context=max_context, overflow=overflow, limits=limits,
+                           progress=update)
 
 
 def prepare_model(model: Optional[Path], backend: str) -> Path:

@@ -145,8 +145,9 @@ def wants_ort(model_dir: Path, name: str = "auto") -> bool:
 
 
 def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = None,
-                 max_context: int | None = None) -> Backend:
-    """The backend `name` resolves to for this model; max_context sizes the cuda backend's KV cache."""
+                 max_context: int | None = None, progress=None) -> Backend:
+    """The backend `name` resolves to for this model; max_context sizes the cuda backend's KV cache,
+    progress(name, i, n) follows its load layer by layer."""
     from m3edge.runtime.ort import find_export
 
     model_dir = Path(model_dir)
@@ -156,5 +157,5 @@ def make_backend(name: str, model_dir: str | Path, dtype: torch.dtype | None = N
     if kind == "cuda":
         from m3edge.runtime.cuda import CudaBackend
 
-        return CudaBackend(model_dir, max_context=max_context)
+        return CudaBackend(model_dir, max_context=max_context, progress=progress)
     return TorchBackend(model_dir, dtype=dtype)

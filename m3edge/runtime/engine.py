@@ -134,7 +134,8 @@ class Engine:
     def load(cls, model: str | Path | None = None, backend: str = "auto", max_context: int | None = None,
              overflow: str = "drop_oldest", progress: Callable[[str, int, int], None] | None = None,
              limits: Limits | None = None) -> "Engine":
-        """Load a checkpoint directory (None: the embedded default, imported on first use)."""
+        """Load a checkpoint directory (None: the embedded default, imported on first use). progress
+        (name, i, n) follows the import of the default model and the cuda backend's load."""
         from m3edge.model.checkpoint import read_config
         from m3edge.model.importers import ensure_default_model
 
@@ -142,7 +143,7 @@ class Engine:
         if model_dir.is_file() and model_dir.suffix == ".gguf":
             raise M3Error(f"'{model_dir}' is a GGUF file; run `m3edge import {model_dir} --out DIR` and use DIR")
         read_config(model_dir)  # one clear error for a path that is not a checkpoint
-        be = make_backend(backend, model_dir, max_context=max_context)
+        be = make_backend(backend, model_dir, max_context=max_context, progress=progress)
         return cls(be, Tokenizer.from_dir(model_dir), model_dir, max_context, overflow, limits)
 
     def chat(self, system: str | None = None) -> "ChatSession":
