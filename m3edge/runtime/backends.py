@@ -80,10 +80,12 @@ _said: list[bool] = []  # auto has said on stderr why it does not use the GPU
 
 def cuda_reason() -> str | None:
     """Why the cuda backend cannot run here (one sentence, said once on stderr under auto), or None."""
-    if not _cuda_why:
+    if not _cuda_why and not torch.cuda.is_available():
+        _cuda_why.append("torch sees no CUDA GPU")
+    elif not _cuda_why:
         from m3edge.runtime.cuda import cuda_unavailable
 
-        _cuda_why.append("torch sees no CUDA GPU" if not torch.cuda.is_available() else cuda_unavailable())
+        _cuda_why.append(cuda_unavailable())
     return _cuda_why[0]
 
 
@@ -132,8 +134,7 @@ def resolve_backend(name: str, model_dir: Path) -> str:
 
 def _ort_capable(quantized: bool, name: str) -> bool:
     """ONNX Runtime runs it: asked for, or auto on a quantized model where the cuda backend cannot."""
-    return quantized and (name == "ort" or (name == "auto" and (not torch.cuda.is_available() or
-                                                               cuda_reason() is not None)))
+    return quantized and (name == "ort" or (name == "auto" and cuda_reason() is not None))
 
 
 def wants_ort(model_dir: Path, name: str = "auto") -> bool:

@@ -181,15 +181,27 @@ def split_int8(t: dict[str, torch.Tensor], scheme: Scheme) -> tuple[dict, dict, 
             s_hi, s_lo)
 
 
+def _row_blocks(t: dict[str, torch.Tensor], scheme: Scheme, rows: int):
+    """A pack-quantized linear's tensors a block of `rows` output rows at a time: (first row, tensors),
+    the zero points' packed words sliced to match (rows a multiple of the rows a word packs)."""
+    n, k = (int(v) for v in t["weight_shape"].tolist())
+    per_word = 32 // scheme.bits
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        part = {key: t[key][a:b] for key in ("weight_packed", "weight_scale", "weight_min") if key in t}
+        if "weight_zero_point" in t:
+            part["weight_zero_point"] = t["weight_zero_point"][a // per_word:-(-b // per_word)]
+        part["weight_shape"] = torch.tensor([b - a, k])
+        yield a, part
+
+
 def _w8_linear(t: dict[str, torch.Tensor], scheme: Scheme, rows: int = 16384) -> W8Linear:
     """W8Linear of a packed int8 linear (N a multiple of 64), split and repacked a block of rows (a
-    multiple of 64) at a time: an int64 intermediate of a whole 151936 x 4096 table would be 5 GB."""
+    multiple of 64: whole 16-row slabs) at a time: an int64 intermediate of a whole 151936 x 4096
+    table would be 5 GB."""
     n, k = (int(v) for v in t["weight_shape"].tolist())
     his, los = [], []
-    for a in range(0, n, rows):  # rows: whole 16-row slabs and 8-row zero-point words
-        b = min(a + rows, n)
-        part = {key: t[key][a:b] for key in ("weight_packed", "weight_scale")}
-        part["weight_shape"] = torch.tensor([b - a, k])
+    for _, part in _row_blocks(t, scheme, rows):
         t_hi, t_lo, s_hi, s_lo = split_int8(part, scheme)
         his.append(native.repack(t_hi, s_hi))
         los.append(native.repack(t_lo, s_lo))
@@ -261,14 +273,17 @@ class NativeMoE(MoE):
         self.cfg, self.routers, self.routing_log = moe.cfg, moe.routers, None
         self.shared_experts = None if shared_slot else moe.shared_experts
         self.native, self.shared_slot = experts, shared_slot
-        self._w: torch.Tensor | None = None  # [R, E, H] fp32 routers, made once the weights are in
-        self._r: torch.Tensor | None = None  # [R, E, H] for the routing kernel (on a GPU)
+        self._w: torch.Tensor | None = None  # [R, E, H] fp32 routers for `route` (no routing kernel)
+        self._r: torch.Tensor | None = None  # [R, E, H] in the activations' dtype, for the routing kernel
 
     def prepare(self) -> None:
-        self._w = torch.stack([r.weight.float() for r in self.routers])
-        E, k = self._w.shape[1], self.cfg.num_experts_per_tok
-        if self._w.is_cuda and E <= 256 and k <= 16 and self._w.shape[2] <= 12288:
-            self._r = torch.stack([r.weight for r in self.routers]).contiguous()
+        """Stack the routers once the weights are in, for whichever routing runs (the kernel on a GPU
+        within its limits: E <= 256, k <= 16, H a multiple of 8)."""
+        w = torch.stack([r.weight for r in self.routers]).contiguous()
+        if w.is_cuda and w.shape[1] <= 256 and self.cfg.num_experts_per_tok <= 16 and w.shape[2] % 8 == 0:
+            self._r = w
+        else:
+            self._w = w.float()
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor) -> torch.Tensor:
         """On the GPU: routing (shared slot included) in one kernel, then the fused expert pair."""
@@ -502,15 +517,8 @@ def _dequantize_into(dst: torch.Tensor, t: dict[str, torch.Tensor], scheme: Sche
     a whole int8 lm_head would be 2.5 GB more on the GPU at load than the plan counts)."""
     from m3edge.model.packing import dequantize_linear
 
-    n, k = (int(v) for v in t["weight_shape"].tolist())
-    per_word = 32 // scheme.bits  # zero points: rows packed per int32 (rows is a multiple of it)
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        part = {key: v[a:b] for key, v in t.items() if key in ("weight_packed", "weight_scale", "weight_min")}
-        if "weight_zero_point" in t:
-            part["weight_zero_point"] = t["weight_zero_point"][a // per_word:-(-b // per_word)]
-        part["weight_shape"] = torch.tensor([b - a, k])
-        dst[a:b].copy_(dequantize_linear(part, scheme))
+    for a, part in _row_blocks(t, scheme, rows):
+        dst[a:a + int(part["weight_shape"][0])].copy_(dequantize_linear(part, scheme))
 
 
 def _bias(source: TensorSource, names: set[str], module: str, device, dtype, done: set[str]) -> torch.Tensor | None:
@@ -530,9 +538,9 @@ def _linear(parts: list[dict[str, torch.Tensor]], scheme: Scheme, biases: list[t
             raise M3Error(f"only linears with the same inputs stack, got in_features {sorted(k)}")
         t = {key: torch.cat([x[key] for x in parts]) for key in parts[0] if key != "weight_shape"}
         t["weight_shape"] = torch.tensor([sum(int(x["weight_shape"][0]) for x in parts), k.pop()])
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b if b is not None else torch.zeros(int(x["weight_shape"][0]), device=t["weight_packed"].device)
-         for b, x in zip(biases, parts)])
+    some = next((b for b in biases if b is not None), None)
+    bias = None if some is None else torch.cat(
+        [b if b is not None else some.new_zeros(int(x["weight_shape"][0])) for b, x in zip(biases, parts)])
     return W4Linear(native.repack(t, scheme), bias)
 
 

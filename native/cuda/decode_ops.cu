@@ -139,6 +139,16 @@ __global__ void __launch_bounds__(32) route_select_kernel(m3e_route_args a, cons
   }
 }
 
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = (blockDim.x + 31) / 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < n_warps; ++i) s += scratch[i];
+  return s;
+}
+
 // RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors.
 template <bool BF16>
 __global__ void __launch_bounds__(256) rmsnorm_kernel(const void* x_, const void* w_, void* out_, int H, float eps) {
@@ -149,12 +159,7 @@ __global__ void __launch_bounds__(256) rmsnorm_kernel(const void* x_, const void
   const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(x_) + (size_t)t * H);
   float ss = 0.f;
   for (int i = threadIdx.x; i < H / 8; i += blockDim.x) ss += dot8(x[i], x[i], BF16);
-  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < (int)blockDim.x / 32; ++i) total += scratch[i];
-  const float r = rsqrtf(total / H + eps);
+  const float r = rsqrtf(block_sum(ss, scratch) / H + eps);
   const uint4* w = reinterpret_cast<const uint4*>(w_);
   uint4* out = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out_) + (size_t)t * H);
   for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
@@ -173,15 +178,6 @@ __global__ void __launch_bounds__(256) rmsnorm_kernel(const void* x_, const void
   }
 }
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = (blockDim.x + 31) / 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float s = 0.f;
-  for (int i = 0; i < n_warps; ++i) s += scratch[i];
-  return s;
-}
 
 template <bool BF16>
 __global__ void rope_qkv_kernel(m3e_rope_args a) {
