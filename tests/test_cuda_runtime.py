@@ -2,6 +2,7 @@
 tokens equal to the torch reference on the same dequantized weights, and the refusal of a context that
 does not fit."""
 
+import os
 import re
 from pathlib import Path
 
@@ -106,6 +107,25 @@ def test_dropped_caches_give_their_slot_back():
     assert kk.shape[2] == 3 and not free
     del cache, kk
     assert free == [slot]
+
+
+def test_allocator_grows_in_place_unless_the_user_configured_it(monkeypatch):
+    """The cuda backend asks torch's allocator for expandable segments (less reserved memory) only
+    when the user has not set PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF. The setter is replaced
+    here (no GPU); the GPU test of the refused context checks the real allocator's segments."""
+    from m3edge.runtime import cuda
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    cuda._grow_in_place()
+    assert calls == ["expandable_segments:True"]
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(var, "max_split_size_mb:128")
+        cuda._grow_in_place()
+        monkeypatch.delenv(var)
+    assert calls == ["expandable_segments:True"]
 
 
 @pytest.mark.parametrize("group", [128, -1])
@@ -251,6 +271,10 @@ def test_context_that_does_not_fit_is_refused_on_the_gpu(tmp_path):
     too_many = 2 * torch.cuda.mem_get_info()[0] // kv_bytes_per_token(read_config(q))  # twice the free memory
     with pytest.raises(ContextTooLarge, match=r"the largest context that fits is \d+ tokens"):
         CudaBackend(q, max_context=too_many)
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # a new segment, after the backend's setting
+        assert any(seg["is_expandable"] for seg in torch.cuda.memory_snapshot()), "expandable segments are off"
+        del x
 
 
 @pytest.mark.gpu

@@ -556,6 +556,27 @@ def cuda_unavailable() -> str | None:
     return None
 
 
+def _grow_in_place() -> None:
+    """Expandable segments for torch's caching allocator, unless the user configured it: a pool
+    grows by mapping pages onto one address range instead of adding fixed-size segments, so
+    memory reserved from the card stays close to what is allocated (the load's repack and the
+    prefill's transient buffers otherwise leave segments a later, larger request cannot reuse).
+    Graph capture pools that cannot use it fall back to ordinary segments inside torch. Measured
+    (bench/e2e_gpu.py, H200, 8K cache): peak reserved lite-16g 14.57 -> 13.22 GiB, lite-24g
+    18.37 -> 18.12 GiB; allocated, decode tok/s and TTFT unchanged."""
+    import os
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11; the older name warns
+    setter = setter or getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    try:
+        if setter is not None:
+            setter("expandable_segments:True")
+    except RuntimeError:  # another allocator backend: keep its default
+        pass
+
+
 class CudaBackend:
     name = "cuda"
 
@@ -576,6 +597,7 @@ class CudaBackend:
         if not cfg.quantization_config:
             raise M3Error("the cuda backend runs int4 checkpoints: run `m3edge quantize` first (or use --backend torch)")
         packed = checkpoint_tensors(cfg)[1]
+        _grow_in_place()
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device("cuda", torch.cuda.current_device())
         free = torch.cuda.mem_get_info(self.device)[0]
         want = max_context or cfg.max_position_embeddings
