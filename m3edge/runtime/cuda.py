@@ -27,6 +27,7 @@ the MoE pair: about 15 launches where the reference's ops made about 100 (NOTES.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -564,8 +565,6 @@ def _grow_in_place() -> None:
     Graph capture pools that cannot use it fall back to ordinary segments inside torch. Measured
     (bench/e2e_gpu.py, H200, 8K cache): peak reserved lite-16g 14.57 -> 13.22 GiB, lite-24g
     18.37 -> 18.12 GiB; allocated, decode tok/s and TTFT unchanged."""
-    import os
-
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11; the older name warns
