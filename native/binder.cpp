@@ -55,6 +55,21 @@ bool is_half(const at::Tensor& t) {
 #define CHECK_MOE(cond, ...) \
   if (!(cond)) return cat("value: moe_w4a16: ", __VA_ARGS__)
 
+#define CHECK_OP(op, cond, ...) \
+  if (!(cond)) return cat("value: " op ": ", __VA_ARGS__)
+
+// Every tensor contiguous, on the first one's CUDA device (every op's common checks).
+std::string check_all(const char* op, const std::vector<std::pair<const char*, const at::Tensor*>>& all) {
+  const at::Tensor& x = *all[0].second;
+  for (auto& [name, t] : all) {
+    if (!t->is_contiguous()) return cat("value: ", op, ": ", name, " ", desc(*t), " must be contiguous");
+    if (!t->is_cuda() || t->device() != x.device())
+      return cat("value: ", op, ": ", name, " ", desc(*t), " is on ", t->device().str(),
+                 "; every tensor must be on the same CUDA device as ", all[0].first, " (", x.device().str(), ")");
+  }
+  return "";
+}
+
 std::string check_shape3(const at::Tensor& t, const char* name, int64_t a, int64_t b, int64_t c) {
   CHECK_ARG(t.dim() == 3 && t.size(0) == a && t.size(1) == b && t.size(2) == c, name, " must be [", a, ", ", b,
             ", ", c, "] (the repacked layout [N/16, G, 16]), got ", desc(t));
@@ -123,10 +138,7 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"scales", &scales}, {"out", &out}};
   if (mins) all.push_back({"mins", &*mins});
   if (zeros) all.push_back({"zeros", &*zeros});
-  for (auto& [name, t] : all) CHECK_ARG(t->is_contiguous(), name, " ", desc(*t), " must be contiguous");
-  for (auto& [name, t] : all)
-    CHECK_ARG(t->is_cuda() && t->device() == x.device(), name, " ", desc(*t), " is on ", t->device().str(),
-              "; every tensor must be on the same CUDA device as x (", x.device().str(), ")");
+  if (auto e = check_all("w4a16_gemm", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: w4a16_gemm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
@@ -251,10 +263,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
       {"down.w", &w_dn}, {"down.scales", &s_dn}, {"out", &out}};
   if (mn_gu) all.insert(all.end(), {{"gate_up.mins", &*mn_gu}, {"down.mins", &*mn_dn}});
   if (zp_gu) all.insert(all.end(), {{"gate_up.zeros", &*zp_gu}, {"down.zeros", &*zp_dn}});
-  for (auto& [name, t] : all) CHECK_MOE(t->is_contiguous(), name, " ", desc(*t), " must be contiguous");
-  for (auto& [name, t] : all)
-    CHECK_MOE(t->is_cuda() && t->device() == x.device(), name, " ", desc(*t), " is on ", t->device().str(),
-              "; every tensor must be on the same CUDA device as x (", x.device().str(), ")");
+  if (auto e = check_all("moe_w4a16", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: moe_w4a16: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
@@ -311,21 +320,6 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
                rc == M3E_ERR_CUDA ? std::string(" (") + cudaGetErrorString(cudaGetLastError()) + ")" : "");
   return "";
 #endif
-}
-
-#define CHECK_OP(op, cond, ...) \
-  if (!(cond)) return cat("value: " op ": ", __VA_ARGS__)
-
-// Every tensor contiguous, on x's CUDA device (the small ops' common checks).
-std::string check_all(const char* op, const std::vector<std::pair<const char*, const at::Tensor*>>& all) {
-  const at::Tensor& x = *all[0].second;
-  for (auto& [name, t] : all) {
-    if (!t->is_contiguous()) return cat("value: ", op, ": ", name, " ", desc(*t), " must be contiguous");
-    if (!t->is_cuda() || t->device() != x.device())
-      return cat("value: ", op, ": ", name, " ", desc(*t), " is on ", t->device().str(),
-                 "; every tensor must be on the same CUDA device as ", all[0].first, " (", x.device().str(), ")");
-  }
-  return "";
 }
 
 #ifndef M3E_NO_CUDA
