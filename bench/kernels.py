@@ -132,7 +132,7 @@ def tinygemm(n: int, k: int):
 
 # The M3-Lite routed experts (issue 6): E = 48, H = 4096 <-> I = 1536, top-8.
 MOE_E, MOE_H, MOE_I, MOE_K = 48, 4096, 1536, 8
-MOE_TS = [1, 4, 16, 64, 256]
+MOE_TS = [1, 4, 16, 64, 256, 1024]
 
 
 def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
@@ -198,12 +198,26 @@ def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
                                                           if k_.startswith(f"T{T} ")) +
               f"; plan {ext.moe_plan(T, K, E, H, I, G)}")
 
+    # the kernel sweep: the decode kernel (tiles of <= 8 pairs) against the mma tile kernel at 16, 32
+    # and 64 pairs per tile, for the sizes where the plan's choice changes (295: the benchmark's image
+    # + audio + text prompt)
+    for T in (8, 16, 32, 64, 128, 295, 1024):
+        xs = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ids_s, w_s, _ = routing(T, 2)
+        o_s = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        for mr in (-1, 16, 32, 64):
+            sweep[f"T{T} mma{mr}"] = timed(lambda xs=xs, ids_s=ids_s, w_s=w_s, o_s=o_s, mr=mr:
+                                           native.moe_w4a16(xs, ids_s, w_s, ex, out=o_s, mma_rows=mr))
+        print(f"moe kernel sweep T={T} (mma rows, -1 = decode kernel): " +
+              ", ".join(f"{k_.split('mma')[1]}:{v:.1f}us" for k_, v in sweep.items() if k_.startswith(f"T{T} mma")) +
+              f"; plan picks {ext.moe_plan(T, K, E, H, I, G)[6]}")
+
     # where the fused call's time goes: each launch's mean device time (torch.profiler, L2 flushed
     # before each call, rotating routings)
     from torch.profiler import ProfilerActivity, profile
 
     breakdown = {}
-    for T in (1, 16):
+    for T in (1, 16, 295):
         xs = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         rs = [routing(T, 7 + i) for i in range(6)]
         o_s = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
@@ -254,7 +268,8 @@ def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
             lines.append(f"| {r['T']} | {r[p + 'active']:.0f} | {r[p + 'ours_us']:.1f} | {r[p + 'GBs']:.0f} | "
                          f"{r[p + 'pct_copy']:.0f}% | {r[p + 'bf16_loop_us']:.1f} | {r[p + 'w4_loop_us']:.1f} | "
                          f"{r[p + 'vs_bf16']:.2f} | {r[p + 'vs_w4_loop']:.2f} |"
-                         + (f" {r['plan'][0]}/{r['plan'][1]}, {r['plan'][2]}/{r['plan'][3]} |" if not p else ""))
+                         + ((f" {r['plan'][0]}/{r['plan'][1]}, {r['plan'][2]}/{r['plan'][3]} |" if not r['plan'][6]
+                             else f" mma {r['plan'][6]} rows |") if not p else ""))
         return "\n".join(lines)
 
     head = (f"Fused MoE, M3-Lite experts (E={E}, H={H}, I={I}, top-{K}), int4 g{G} bf16, {ebytes / 1e6:.2f} MB per "

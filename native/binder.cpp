@@ -195,12 +195,13 @@ std::string check_shape(const at::Tensor& t, const char* name, std::vector<int64
 // weights fp32 or x's dtype [T, k]; gate+up int32 [E, 2I/16, H/64, 32, 4] (gate and up interleaved by
 // 16-row slabs, m3edge.runtime.native.repack_experts), its scales [E, 2I/16, G, 16]; down int32
 // [E, H/16, I/64, 32, 4], scales [E, H/16, I/group, 16]; mins / zeros like the scales, both or
-// neither. ns_gu / ns_dn 0 = the plan's slabs per CTA.
+// neither. ns_gu / ns_dn 0 = the plan's slabs per CTA; mma_rows 0 = the plan's kernel, -1 the decode
+// kernel, 16 / 32 / 64 the mma tile kernel with that many token rows per tile.
 std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w_gu,
                       const at::Tensor& s_gu, const c10::optional<at::Tensor>& mn_gu,
                       const c10::optional<at::Tensor>& zp_gu, const at::Tensor& w_dn, const at::Tensor& s_dn,
                       const c10::optional<at::Tensor>& mn_dn, const c10::optional<at::Tensor>& zp_dn, at::Tensor& out,
-                      int64_t group, int64_t ns_gu, int64_t ns_dn) {
+                      int64_t group, int64_t ns_gu, int64_t ns_dn, int64_t mma_rows) {
   CHECK_MOE(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ", desc(x));
   const int64_t T = x.size(0), H = x.size(1);
   CHECK_MOE(T >= 1 && H % 64 == 0 && H > 0, "x [T, H] needs T >= 1 and H a multiple of 64, got ", desc(x));
@@ -258,6 +259,10 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
             "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
   CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
             "ns_dn must be 0 (automatic), 1, 2, 4, 8 or 16, got ", ns_dn);
+  CHECK_MOE(mma_rows == 0 || mma_rows == -1 || mma_rows == 16 || mma_rows == 32 || mma_rows == 64,
+            "mma_rows must be 0 (automatic), -1 (the decode kernel), 16, 32 or 64, got ", mma_rows);
+  CHECK_MOE(mma_rows <= 0 || (ns_gu == 0 && ns_dn == 0), "ns_gu / ns_dn choose the decode kernel's slabs per CTA;",
+            " they cannot be combined with mma_rows = ", mma_rows, " (the tile kernel)");
   std::vector<std::pair<const char*, const at::Tensor*>> all = {
       {"x", &x}, {"topk_ids", &ids}, {"topk_weights", &weights}, {"gate_up.w", &w_gu}, {"gate_up.scales", &s_gu},
       {"down.w", &w_dn}, {"down.scales", &s_dn}, {"out", &out}};
@@ -274,7 +279,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   const int dev = x.device().index();
   m3e_moe_plan_t plan;
   int rc = m3e_moe_plan((int)T, (int)k, (int)E, (int)H, (int)I, group == -1 ? 0 : (int)group, mn_gu || zp_gu,
-                        (int)ns_gu, (int)ns_dn, &plan);
+                        (int)ns_gu, (int)ns_dn, (int)mma_rows, &plan);
   if (rc != M3E_OK)
     return cat("value: moe_w4a16 plan for x ", desc(x), ", gate_up.w ", desc(w_gu), ": ", m3e_error_string(rc));
   ensure_workspace(dev, plan.slot_floats, plan.n_counters, x.options());
@@ -313,6 +318,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   a.weights_f32 = weights.scalar_type() == at::kFloat;
   a.ns_gu = (int)ns_gu;
   a.ns_dn = (int)ns_dn;
+  a.mma_rows = (int)mma_rows;
   rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
@@ -472,17 +478,17 @@ std::string rmsnorm(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, d
 #endif
 }
 
-// (ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn) that moe_w4a16 would use; empty when refused.
+// (ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn, mma_rows) that moe_w4a16 would use; empty when refused.
 std::vector<int64_t> moe_plan(int64_t T, int64_t topk, int64_t E, int64_t H, int64_t I, int64_t group, bool affine,
-                              int64_t ns_gu, int64_t ns_dn) {
+                              int64_t ns_gu, int64_t ns_dn, int64_t mma_rows) {
 #ifdef M3E_NO_CUDA
   return {};
 #else
   m3e_moe_plan_t p;
   if (m3e_moe_plan((int)T, (int)topk, (int)E, (int)H, (int)I, group == -1 ? 0 : (int)group, affine, (int)ns_gu,
-                   (int)ns_dn, &p) != M3E_OK)
+                   (int)ns_dn, (int)mma_rows, &p) != M3E_OK)
     return {};
-  return {p.ns_gu, p.mr_gu, p.ns_dn, p.mr_dn, p.tiles_gu, p.tiles_dn};
+  return {p.ns_gu, p.mr_gu, p.ns_dn, p.mr_dn, p.tiles_gu, p.tiles_dn, p.mma_rows};
 #endif
 }
 
@@ -514,9 +520,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "error message or ''",
         py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("w_gu"), py::arg("s_gu"),
         py::arg("mn_gu"), py::arg("zp_gu"), py::arg("w_dn"), py::arg("s_dn"), py::arg("mn_dn"), py::arg("zp_dn"),
-        py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0);
+        py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0, py::arg("mma_rows") = 0);
   m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
-        py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0);
+        py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0,
+        py::arg("mma_rows") = 0);
   m.def("route_topk", &route_topk, "MoE routing (native/cuda/decode_ops.cu); returns an error message or ''",
         py::arg("x"), py::arg("routers"), py::arg("modality"), py::arg("fusion_ok"), py::arg("ids"),
         py::arg("weights"), py::arg("k"), py::arg("n_fusion"), py::arg("norm_topk"), py::arg("extra_id"),

@@ -91,7 +91,7 @@ def _moe_args(T=3, k=2, E=4, H=128, I=64, group=32, dtype=torch.float16, **over)
          "s_gu": torch.zeros(E, I // 8, G_gu, 16, dtype=torch.bfloat16), "mn_gu": None, "zp_gu": None,
          "w_dn": torch.zeros(E, H // 16, I // 64, 32, 4, dtype=torch.int32),
          "s_dn": torch.zeros(E, H // 16, G_dn, 16, dtype=torch.bfloat16), "mn_dn": None, "zp_dn": None,
-         "out": torch.zeros(T, H, dtype=dtype), "group": group, "ns_gu": 0, "ns_dn": 0}
+         "out": torch.zeros(T, H, dtype=dtype), "group": group, "ns_gu": 0, "ns_dn": 0, "mma_rows": 0}
     a.update(over)
     return a
 
@@ -113,6 +113,8 @@ def _moe_args(T=3, k=2, E=4, H=128, I=64, group=32, dtype=torch.float16, **over)
     ({"group": 128, "s_gu": torch.zeros(4, 8, 1, 16, dtype=torch.bfloat16)}, r"group 128 must divide H = 128 and I = 64"),
     ({"out": torch.zeros(3, 128, dtype=torch.bfloat16)}, r"out must be \[3, 128\] Half or Float, got \[3, 128\] BFloat16"),
     ({"ns_gu": 1}, r"ns_gu must be 0 \(automatic\), 2, 4, 8 or 16, got 1"),
+    ({"mma_rows": 8}, r"mma_rows must be 0 \(automatic\), -1 \(the decode kernel\), 16, 32 or 64, got 8"),
+    ({"mma_rows": 32, "ns_dn": 4}, r"cannot be combined with mma_rows = 32 \(the tile kernel\)"),
     ({}, r"x \[3, 128\] Half is on cpu; every tensor must be on the same CUDA device"),
 ])
 def test_moe_binder_checks_name_the_shapes(checks, over, pattern):
@@ -210,11 +212,12 @@ def m3lite_experts(request):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("T", [1, 4, 33])
+@pytest.mark.parametrize("T", [1, 4, 33, 295])
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_moe_parity_m3lite(ext, m3lite_experts, T, act):
-    """Real shapes, top-8 of 48: gate+up tiles of 4 rows (2 with the float minimum at group 32: the
-    plan shrinks the token tile to fit shared memory), down tiles of 8."""
+    """Real shapes, top-8 of 48. Up to T = 33 the decode kernel: gate+up tiles of 4 rows (2 with the
+    float minimum at group 32: the plan shrinks the token tile to fit shared memory), down tiles of 8;
+    T = 295 (the benchmark's image + audio + text prompt) the tile kernel with 32-row tiles."""
     gate, up, down, scheme, ex = m3lite_experts
     seed = int(torch.randint(0, 2**30, ()).item())
     g = torch.Generator("cuda").manual_seed(seed)
@@ -245,8 +248,50 @@ def test_moe_forced_tiles_and_repeatable(ext, ns_gu, ns_dn):
 
 @gpu
 @needs_cuda
-def test_moe_ids_of_no_expert_add_nothing(ext):
-    """Ids outside [0, E) (-1, E) skip their slot; the next call (counters left at zero) is right too."""
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind,group", [("sym", 128), ("zp", 32), ("fmin", 64), ("sym", -1)])
+@pytest.mark.parametrize("mma_rows", [16, 32, 64, -1])
+def test_moe_forced_kernel_and_repeatable(ext, mma_rows, kind, group, act):
+    """The tile kernel at each tile height, and the decode kernel, on a prefill-sized call (T = 150,
+    k = 3 of E = 8, expert 2 in every token's first slot: 150 pairs, two 64-row tiles and a partial
+    one for it; H = 320 below group 128 so down's last N tile is half empty) agree with the reference;
+    the same inputs twice give bit-identical outputs."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    T, E, k, H, I = 150, 8, 3, 384 if group == 128 else 320, 128
+    gate, up, down, scheme = _experts(E, H, I, group, kind, act, seed, device="cuda")
+    ex = native.repack_experts(gate, up, down, scheme)
+    g = torch.Generator("cuda").manual_seed(seed + 1)
+    x = torch.randn(T, H, generator=g, device="cuda").to(act)
+    ids, w = _routing(T, E, k, 2, act, False, True, g)
+    _check(ex, x, ids, w, gate, up, down, scheme, act, f"mma_rows={mma_rows} {kind} g{group} {act} seed={seed}",
+           mma_rows=mma_rows)
+    a = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, H, device="cuda"), mma_rows=mma_rows)
+    b = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, H, device="cuda"), mma_rows=mma_rows)
+    assert torch.equal(a, b)
+
+
+@gpu
+@needs_cuda
+def test_moe_plan_picks_the_kernel(ext):
+    """Decode-sized calls take the decode kernel, prefill-sized ones the tile kernel; forcing works and
+    the combinations the plan cannot honour are refused (an empty plan)."""
+    H, I, E, k = 4096, 1536, 48, 8
+    assert ext.moe_plan(1, k, E, H, I)[6] == 0
+    assert ext.moe_plan(16, k, E, H, I)[6] == 0
+    assert ext.moe_plan(64, k, E, H, I)[6] == 16
+    assert ext.moe_plan(295, k, E, H, I)[6] == 32
+    assert ext.moe_plan(295, k, E, H, I, mma_rows=-1)[6] == 0
+    assert ext.moe_plan(295, k, E, H, I, ns_gu=2, ns_dn=8)[6] == 0  # slabs per CTA imply the decode kernel
+    assert ext.moe_plan(1, k, E, H, I, mma_rows=16)[6] == 16
+    assert ext.moe_plan(295, k, E, H, I, ns_gu=2, mma_rows=32) == []
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mma_rows", [0, 16])
+def test_moe_ids_of_no_expert_add_nothing(ext, mma_rows):
+    """Ids outside [0, E) (-1, E) skip their slot; the next call (counters left at zero) is right too;
+    on both kernels."""
     seed = int(torch.randint(0, 2**30, ()).item())
     act = torch.float16
     gate, up, down, scheme = _experts(6, 128, 64, 32, "sym", act, seed, device="cuda")
@@ -255,10 +300,12 @@ def test_moe_ids_of_no_expert_add_nothing(ext):
     x = torch.randn(5, 128, generator=g, device="cuda").to(act)
     ids, w = _routing(5, 6, 3, -1, act, True, True, g)
     ids[0, 1], ids[2, 0], ids[4, 2] = -1, 6, -1
-    _check(ex, x, ids, w, gate, up, down, scheme, act, f"ids of no expert seed={seed}")
+    _check(ex, x, ids, w, gate, up, down, scheme, act, f"ids of no expert mma_rows={mma_rows} seed={seed}",
+           mma_rows=mma_rows)
     ids[ids < 0] = 0
     ids[ids >= 6] = 1
-    _check(ex, x, ids, w, gate, up, down, scheme, act, f"the call after seed={seed}")
+    _check(ex, x, ids, w, gate, up, down, scheme, act, f"the call after mma_rows={mma_rows} seed={seed}",
+           mma_rows=mma_rows)
 
 
 @gpu

@@ -104,21 +104,27 @@ typedef struct {
   int group;                 // 32, 64, 128, or 0 = per output channel
   int act_bf16, scale_bf16, out_f32, ids_i64, weights_f32;
   int ns_gu, ns_dn;          // slabs per CTA of each launch as given to m3e_moe_plan (0 = its choice)
+  int mma_rows;              // kernel choice as given to m3e_moe_plan (0 = its choice)
 } m3e_moe_args;
 
 typedef struct {
+  int mma_rows;              // 0: the decode kernel; 16, 32 or 64: the mma tile kernel, token rows per tile
   int ns_gu, mr_gu;          // gate+up: slabs (16 rows) per CTA, token rows per tile
   int ns_dn, mr_dn;          // down: likewise
-  int tiles_gu, tiles_dn;    // token tiles each launch is sized for (its grid's x)
+  int tiles_gu, tiles_dn;    // token tiles each launch is sized for
   size_t slot_floats;        // T topk H
-  int n_counters;            // T H / (16 ns_dn)
+  int n_counters;            // T x the down launch's N tiles
 } m3e_moe_plan_t;
 
-// Tile choice for a shape and weight form (affine: zero points or minimums): ns_gu_req / ns_dn_req
-// > 0 force the slabs per CTA (even for gate+up; the benchmark's sweep, the tests' coverage);
-// the token rows per tile are then the most (8, 4, 2, 1) whose shared memory fits.
+// Kernel and tile choice for a shape and weight form (affine: zero points or minimums). The decode
+// kernel (up to 8 rows per tile, each expert's weights read once per tile) for few pairs per expert,
+// the mma tile kernel (16-64 rows, 8 slabs per CTA) for prefill-sized groups. mma_rows_req: 0 the
+// plan's choice, -1 the decode kernel, 16 / 32 / 64 the tile kernel with that many rows. For the
+// decode kernel, ns_gu_req / ns_dn_req > 0 force the slabs per CTA (even for gate+up; the
+// benchmark's sweep, the tests' coverage; they imply it when mma_rows_req is 0), and the token rows
+// per tile are the most (8, 4, 2, 1) whose shared memory fits.
 int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, int ns_gu_req, int ns_dn_req,
-                 m3e_moe_plan_t* plan);
+                 int mma_rows_req, m3e_moe_plan_t* plan);
 
 int m3e_moe_w4a16(const m3e_moe_args* args, void* stream);
 

@@ -7,11 +7,14 @@
 //   inter  --down--> slots [T topk, H] = w[t, j] inter Wd_e^T; a token's last slot to arrive writes
 //                    out[t] = sum_j slots[t topk + j] in slot order                  (grid: tiles x H/16ns)
 //
-// Both GEMM launches are the decode kernel (w4a16_decode.cuh) with a MoE epilogue: per CTA one
-// expert's slabs and up to 8 gathered rows, x staged once, the weights streamed through the per-lane
-// ring; at one token every active expert's bytes are read once, as a bandwidth-bound decode needs.
-// Many tokens per expert re-read an expert's slabs once per tile of 8 (or fewer) rows: the mma tile
-// kernel's path for prefill-sized groups is not built (README).
+// Both GEMM launches are one of two kernels with a MoE epilogue (the plan picks by pairs per expert):
+// - the decode kernel (w4a16_decode.cuh): per CTA one expert's slabs and up to 8 gathered rows, x
+//   staged once, the weights streamed through the per-lane ring; at one token every active expert's
+//   bytes are read once, as a bandwidth-bound decode needs, but many tokens per expert re-read an
+//   expert's slabs once per tile of 8 (or fewer) rows;
+// - the mma tile kernel (w4a16.cuh) for prefill-sized groups: tiles of 16, 32 or 64 gathered rows
+//   by 128 output rows, the K loop pipelined through shared memory, each expert's weights read once
+//   per tile of rows.
 #include "moe.cuh"
 
 namespace m3e {
@@ -23,17 +26,31 @@ constexpr int GROUP_THREADS = 1024;
 // (pass 1), then scatters them at their rank among the expert's pairs (pass 3), so the list is the
 // same for the same ids (the outputs do not depend on the launch's timing). An id outside [0, E)
 // joins no list; its slot's output row is zeroed and counted as arrived for the down launch.
+// staged: the ids are first copied to shared memory (as int32, -1 for any id outside [0, E)), so
+// that the warps' passes over all n of them read shared memory rather than L2 (NOTES.md, MoE
+// prefill); else (more than GROUP_STAGE_MAX pairs) they read global memory.
+constexpr int GROUP_STAGE_MAX = 8192;
 __global__ void __launch_bounds__(GROUP_THREADS) moe_group_kernel(const void* ids, int ids_i64, int n, int topk,
                                                                   int E, int mr_gu, int nt_gu, int mr_dn, int nt_dn,
                                                                   int H, int gy_dn, int* rows, int4* tiles,
-                                                                  float* slots, int* counters) {
+                                                                  float* slots, int* counters, int staged) {
   pdl_launch_dependents();  // gate+up's CTAs may start; they wait for this grid before reading its output
-  extern __shared__ int sh[];  // [6][E]: pairs, gate+up tiles, down tiles per expert; their exclusive prefix sums
+  // [6][E]: pairs, gate+up tiles, down tiles per expert; their exclusive prefix sums; then the staged ids
+  extern __shared__ int sh[];
   int *cnt = sh, *ngu = sh + E, *ndn = sh + 2 * E, *off = sh + 3 * E, *tg = sh + 4 * E, *td = sh + 5 * E;
+  int* sid = sh + 6 * E;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, nw = GROUP_THREADS / 32;
-  auto id = [&](int i) {
+  auto gid = [&](int i) {
     return ids_i64 ? (long long)static_cast<const long long*>(ids)[i] : (long long)static_cast<const int*>(ids)[i];
   };
+  if (staged) {
+    for (int i = tid; i < n; i += GROUP_THREADS) {
+      const long long e = gid(i);
+      sid[i] = e >= 0 && e < E ? (int)e : -1;
+    }
+    __syncthreads();
+  }
+  auto id = [&](int i) { return staged ? (long long)sid[i] : gid(i); };
   // 1. pairs per expert, and the tiles they make in each launch
   for (int e = warp; e < E; e += nw) {
     int c = 0;
@@ -125,19 +142,46 @@ using namespace m3e::w4;
 // 1536 is 24 blocks: 12 per warp rather than 1.5 with one slab; 8 beat 4 by 4-13 us at T = 1..16);
 // gate+up 4 slabs up to 4 tokens (token tiles of 2 rows fit then; 2-4 us faster), else 2 (tiles of
 // 4 rows, 34 us faster at T = 16).
+//
+// The tile kernel from 5 pairs per expert on average, 16-row tiles up to 16 pairs, 32-row tiles
+// beyond (the sweep in NOTES.md, MoE prefill: 64-row tiles, one CTA per SM, were slower at every size).
+static int mma_rows_auto(int n, int E) {
+  const int avg = n / E;
+  return avg < 5 ? 0 : avg < 16 ? 16 : 32;
+}
+
 extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, int ns_gu_req,
-                            int ns_dn_req, m3e_moe_plan_t* plan) {
+                            int ns_dn_req, int mma_rows_req, m3e_moe_plan_t* plan) {
   if (!plan) return M3E_ERR_ARG;
   if (T < 1 || topk < 1 || E < 1 || H < 64 || I < 64 || H % 64 || I % 64) return M3E_ERR_SHAPE;
   const int gshift = group_shift(group);
   if (gshift < 0 || (group && (H % group || I % group))) return M3E_ERR_GROUP;
   if ((long long)T * topk > (1 << 24)) return M3E_ERR_SHAPE;
+  if (mma_rows_req != 0 && mma_rows_req != -1 && mma_rows_req != 16 && mma_rows_req != 32 && mma_rows_req != 64)
+    return M3E_ERR_ARG;
+  const int n = T * topk;
+  const bool forced_ns = ns_gu_req > 0 || ns_dn_req > 0;
+  if (mma_rows_req > 0 && forced_ns) return M3E_ERR_ARG;  // slabs per CTA are the decode kernel's
+  const int mma = mma_rows_req > 0 ? mma_rows_req : mma_rows_req == 0 && !forced_ns ? mma_rows_auto(n, E) : 0;
+  // the tile kernel's limits: 32-bit x offsets (its registers), the token tiles in the grid's y
+  const bool fits = (long long)T * H < (1LL << 31) && (long long)n * I < (1LL << 31) &&
+                    (mma == 0 || tile_bound(n, E, mma) <= 65535);
+  if (mma > 0 && !fits && mma_rows_req > 0) return M3E_ERR_SHAPE;
+  if (mma > 0 && fits) {
+    plan->mma_rows = mma;
+    plan->ns_gu = plan->ns_dn = WARPS;
+    plan->mr_gu = plan->mr_dn = mma;
+    plan->tiles_gu = plan->tiles_dn = tile_bound(n, E, mma);
+    plan->slot_floats = (size_t)n * H;
+    plan->n_counters = T * ((H + NT - 1) / NT);
+    return M3E_OK;
+  }
+  plan->mma_rows = 0;
   int rc = moe_tile(2 * I, H, gshift, affine != 0, ns_gu_req, T <= 4 ? Slabs{{4, 2, 0, 0}} : Slabs{{2, 4, 0, 0}}, true,
                     &plan->ns_gu, &plan->mr_gu);
   if (rc != M3E_OK) return rc;
   rc = moe_tile(H, I, gshift, affine != 0, ns_dn_req, Slabs{{8, 4, 2, 1}}, false, &plan->ns_dn, &plan->mr_dn);
   if (rc != M3E_OK) return rc;
-  const int n = T * topk;
   plan->tiles_gu = tile_bound(n, E, plan->mr_gu);
   plan->tiles_dn = tile_bound(n, E, plan->mr_dn);
   plan->slot_floats = (size_t)n * H;
@@ -171,6 +215,46 @@ static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool 
   return M3E_OK;
 }
 
+// The pair's two launches on the mma tile kernel (the grouping has run): grid (N tiles, token tiles),
+// one K slice; gate+up's N is 2I (a multiple of 128: its CTAs hold whole gate/up slab pairs).
+static int moe_tile_launches(const m3e_moe_args& a, Params& p, const m3e_moe_plan_t& plan, int gshift,
+                             cudaStream_t s) {
+  const int mt = plan.mma_rows / 8;
+  const bool has_min = a.mn_gu != nullptr;
+  auto launch = [&](int epi, int N, int K) {
+    p.N = N;
+    p.K = K;
+    p.G = gshift == 31 ? 1 : K >> gshift;
+    p.gshift = gshift;
+    p.gmask = gshift == 31 ? 0x7fffffff : (1 << gshift) - 1;
+    p.splits = 1;
+    p.cps = (K + KC - 1) / KC;
+    const dim3 grid((N + NT - 1) / NT, plan.tiles_gu);
+    return a.act_bf16 ? launch_moe_tile_bf16(p, epi, mt, has_min, grid, s)
+                      : launch_moe_tile_f16(p, epi, mt, has_min, grid, s);
+  };
+  p.x = static_cast<const uint16_t*>(a.x);
+  p.w = reinterpret_cast<const uint4*>(a.w_gu);
+  p.s = a.s_gu;
+  p.mn = a.mn_gu;
+  p.zp = a.zp_gu;
+  p.out = static_cast<uint16_t*>(a.inter);
+  p.out_f32 = 0;
+  p.moe_tiles = reinterpret_cast<const int4*>(a.tiles);
+  if (int rc = launch(EPI_GATE_UP, 2 * a.I, a.H); rc != M3E_OK) return rc;
+  p.x = static_cast<const uint16_t*>(a.inter);
+  p.w = reinterpret_cast<const uint4*>(a.w_dn);
+  p.s = a.s_dn;
+  p.mn = a.mn_dn;
+  p.zp = a.zp_dn;
+  p.out = static_cast<uint16_t*>(a.out);
+  p.out_f32 = a.out_f32;
+  p.ws = a.slots;
+  p.cnt = a.counters;
+  p.moe_tiles = reinterpret_cast<const int4*>(a.tiles) + plan.tiles_gu;
+  return launch(EPI_DOWN, a.H, a.I);
+}
+
 extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   if (!a || !a->x || !a->ids || !a->weights || !a->w_gu || !a->s_gu || !a->w_dn || !a->s_dn || !a->out ||
       !a->inter || !a->rows || !a->tiles || !a->slots || !a->counters)
@@ -180,7 +264,8 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   const bool has_min = a->mn_gu != nullptr, has_zp = a->zp_gu != nullptr;
   if (has_min != (a->mn_dn != nullptr) || has_zp != (a->zp_dn != nullptr) || (has_min && has_zp)) return M3E_ERR_ARG;
   m3e_moe_plan_t plan;
-  if (int rc = m3e_moe_plan(a->T, a->topk, a->E, a->H, a->I, a->group, has_min || has_zp, a->ns_gu, a->ns_dn, &plan);
+  if (int rc = m3e_moe_plan(a->T, a->topk, a->E, a->H, a->I, a->group, has_min || has_zp, a->ns_gu, a->ns_dn,
+                            a->mma_rows, &plan);
       rc != M3E_OK)
     return rc;
   for (const void* q : {a->x, (const void*)a->w_gu, (const void*)a->s_gu, (const void*)a->mn_gu, (const void*)a->zp_gu,
@@ -189,11 +274,17 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
     if (misaligned(q)) return M3E_ERR_ALIGN;
   const int gshift = group_shift(a->group), n = a->T * a->topk;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int gy_gu = 2 * a->I / (16 * plan.ns_gu), gy_dn = a->H / (16 * plan.ns_dn);
+  const bool tile = plan.mma_rows > 0;
+  const int gy_gu = 2 * a->I / (16 * plan.ns_gu), gy_dn = tile ? (a->H + NT - 1) / NT : a->H / (16 * plan.ns_dn);
 
-  moe_group_kernel<<<1, GROUP_THREADS, 6 * a->E * sizeof(int), s>>>(
+  const int staged = n <= GROUP_STAGE_MAX;  // with E <= 1024: at most 56 KB, under the 64 KB asked for once
+  static bool group_opted[64] = {};
+  if (int rc = opt_in_smem(moe_group_kernel, (6 * 1024 + GROUP_STAGE_MAX) * (int)sizeof(int), group_opted);
+      rc != M3E_OK)
+    return rc;
+  moe_group_kernel<<<1, GROUP_THREADS, (6 * a->E + (staged ? n : 0)) * sizeof(int), s>>>(
       a->ids, a->ids_i64, n, a->topk, a->E, plan.mr_gu, plan.tiles_gu, plan.mr_dn, plan.tiles_dn, a->H, gy_dn, a->rows,
-      reinterpret_cast<int4*>(a->tiles), a->slots, a->counters);
+      reinterpret_cast<int4*>(a->tiles), a->slots, a->counters, staged);
   if (cudaGetLastError() != cudaSuccess) return M3E_ERR_CUDA;
 
   Params p = {};
@@ -202,6 +293,7 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.moe_rw = a->weights;
   p.rw_f32 = a->weights_f32;
   p.topk = a->topk;
+  if (tile) return moe_tile_launches(*a, p, plan, gshift, s);
   // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
   // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)
   int dev = 0, major = 0;

@@ -7,5 +7,8 @@ namespace w4 {
 int launch_moe_bf16(const Params& p, int epi, dim3 grid, int smem, cudaStream_t stream, bool pdl) {
   M3E_MOE_DISPATCH(true)
 }
+int launch_moe_tile_bf16(const Params& p, int epi, int mt, bool has_min, dim3 grid, cudaStream_t stream) {
+  M3E_MOE_TILE_DISPATCH(true)
+}
 }  // namespace w4
 }  // namespace m3e

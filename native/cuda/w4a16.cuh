@@ -112,19 +112,103 @@ __device__ __forceinline__ void store(const Params& p, size_t i, float v) {
     p.out[i] = __half_as_ushort(__float2half_rn(v));
 }
 
+// What a CTA does with its sums: the GEMM's store (with split-K), or one of the fused MoE pair's
+// epilogues (moe.cu), in both kernels (this tile kernel for prefill-sized groups, the decode kernel).
+enum Epilogue { EPI_GEMM = 0, EPI_GATE_UP = 1, EPI_DOWN = 2 };
+
+// The routing weight of pair i, fp32 or the activations' 16-bit type.
+template <bool BF16>
+__device__ __forceinline__ float route_weight(const Params& p, int i) {
+  return p.rw_f32 ? static_cast<const float*>(p.moe_rw)[i]
+                  : bits_to_float(static_cast<const uint16_t*>(p.moe_rw)[i], BF16);
+}
+
+// The MoE epilogues, shared by both kernels. The CTA holds `rows` pairs (pair(m): t topk + j) and
+// output columns n0 .. n0 + ncols - 1 (ncols a multiple of 16); val(m, c) is its fp32 sum for pair
+// m and column n0 + c, readable by every thread (staged in shared memory). NTHR: the CTA's threads.
+//
+// gate+up: column slabs 2i and 2i + 1 are the gate and up rows of the same 16 outputs (the repack
+// interleaves them: moe.cu), so silu(gate) * up is computed here in fp32 and rounded once to the
+// intermediate's type [T topk][N / 2]; output index fastest for coalesced stores.
+template <bool BF16, int NTHR, typename Pair, typename Val>
+__device__ __forceinline__ void moe_gate_up_store(const Params& p, int rows, int n0, int ncols, Pair pair, Val val) {
+  const int nh = ncols / 2, inter = p.N / 2;
+  for (int i = threadIdx.x; i < nh * rows; i += NTHR) {
+    const int m = i / nh, c = i - m * nh, col = 32 * (c >> 4) + (c & 15);
+    const float g = val(m, col), u = val(m, col + 16);
+    store<BF16>(p, (size_t)pair(m) * inter + n0 / 2 + c, g / (1.f + expf(-g)) * u);
+  }
+}
+
+// down: each pair's routing-weighted output goes to its slot row of the workspace [T topk][N]
+// (fp32); the CTA that brings a token's arrival count (per token and N tile: ntiles of them per
+// token) to topk sums the token's slots in slot order: deterministic, one launch (the fence pattern
+// of the split-K fixup). s_token: `rows` ints of shared memory.
+template <bool BF16, int NTHR, typename Pair, typename Val>
+__device__ __forceinline__ void moe_down_store(const Params& p, int rows, int n0, int ncols, int ntile, int ntiles,
+                                               Pair pair, Val val, int* s_token) {
+  const int tid = threadIdx.x;
+  for (int i = tid; i < ncols * rows; i += NTHR) {
+    const int m = i / ncols, c = i - m * ncols, pr = pair(m);
+    p.ws[(size_t)pr * p.N + n0 + c] = val(m, c) * route_weight<BF16>(p, pr);
+  }
+  __syncthreads();
+  if (tid < rows) {
+    const int t = pair(tid) / p.topk;
+    int* c = p.cnt + (size_t)t * ntiles + ntile;
+    __threadfence();
+    const bool last = atomicAdd(c, 1) == p.topk - 1;
+    if (last) *c = 0;  // every slot has arrived: zero for the next call
+    s_token[tid] = last ? t : -1;
+    __threadfence();
+  }
+  __syncthreads();
+  for (int i = tid; i < ncols * rows; i += NTHR) {
+    const int m = i / ncols, c = i - m * ncols, t = s_token[m];
+    if (t < 0) continue;
+    const float* src = p.ws + (size_t)t * p.topk * p.N + n0 + c;
+    float v = 0.f;
+    for (int j = 0; j < p.topk; ++j) v += __ldcg(src + (size_t)j * p.N);
+    store<BF16>(p, (size_t)t * p.N + n0 + c, v);
+  }
+}
+
 // BF16: activations (and so the mma) are bf16, else fp16.
 // MT: 8-column tiles of M per warp (the CTA's M tile is 8 * MT).
 // HAS_MIN: float-minimum form; costs one extra mma per tile and k16 step and MT*4 registers, so it
 // is a template parameter, while the zero point (two byte loads per k16 step) is a runtime branch.
-template <bool BF16, int MT, bool HAS_MIN>
+//
+// EPI: the GEMM (grid: N tiles x M tiles x K slices), or the fused MoE pair's gate+up or down for
+// prefill-sized groups (grid: N tiles x token tiles, one slice): the tile's expert and up to 8 MT
+// (token, slot) pairs come from the grouped list (moe.cu), the x rows are gathered by pair, and the
+// expert's weights are read once per tile instead of once per 8 rows as in the decode kernel.
+template <bool BF16, int MT, bool HAS_MIN, int EPI = EPI_GEMM>
 __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE : MT >= 8 ? 1 : 2)
     w4a16_kernel(const Params p) {
   using C = Cfg<MT>;
+  constexpr bool MOE = EPI != EPI_GEMM;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
+  __shared__ int s_pair[MOE ? 8 * MT : 1], s_token[MOE ? 8 * MT : 1];  // MoE: the tile's pairs
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.y * 8 * MT;
+  int M = p.M, m0 = blockIdx.y * 8 * MT;
+  size_t expert = 0;
+  if constexpr (MOE) {
+    const int4 tl = p.moe_tiles[blockIdx.y];
+    if (tl.z == 0) return;  // past the last tile (the grid is sized for the worst case)
+    expert = tl.x;
+    M = tl.z;
+    m0 = 0;
+    if (tid < M) s_pair[tid] = p.moe_rows[tl.y + tid];
+    __syncthreads();
+  }
+  // the expert's weights [E][N/16][K/64][32] uint4 and scales / minimums / zero points [E][N/16][G][16]
+  const size_t meta_e = expert * p.N * p.G;
+  const uint4* pw = p.w + expert * (p.N / 16) * (p.K / 64) * 32;
+  const uint16_t* ps = p.s + meta_e;
+  const uint16_t* pmn = HAS_MIN ? p.mn + meta_e : nullptr;
+  const uint8_t* pzp = p.zp ? p.zp + meta_e : nullptr;
   const int slabs = p.N / 16, slab0 = blockIdx.x * WARPS, slab = slab0 + warp;
   const bool active = slab < slabs;  // the last CTA of N may have idle warps (N % 128 == 64)
   const int nch_total = (p.K + KC - 1) / KC;
@@ -161,8 +245,12 @@ __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE
   for (int r = 0; r < XG; ++r) {
     const int i = tid + r * THREADS, row = i / (KC / 8), c8 = i % (KC / 8);
     x_in[r] = i < 8 * MT * (KC / 8);
-    x_ok[r] = x_in[r] && m0 + row < p.M;
-    x_off[r] = x_ok[r] ? (uint32_t)(m0 + row) * p.K + c_begin * KC + c8 * 8 : 0;
+    x_ok[r] = x_in[r] && m0 + row < M;
+    // MoE: gate+up reads the pair's token, down the pair's row of the intermediate (the plan keeps
+    // both offsets below 2^31)
+    int xr = m0 + row;
+    if constexpr (MOE) xr = x_ok[r] ? (EPI == EPI_GATE_UP ? s_pair[row] / p.topk : s_pair[row]) : 0;
+    x_off[r] = x_ok[r] ? (uint32_t)xr * p.K + c_begin * KC + c8 * 8 : 0;
   }
   // meta: threads 0-63 copy scales (and mins) as 16 B halves of (slab, group) rows, 64-95 zero points
   const int meta_w = tid < WARPS * MAXG * 2 ? tid / (MAXG * 2) : (tid - WARPS * MAXG * 2) / MAXG;
@@ -178,7 +266,7 @@ __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE
 #pragma unroll
     for (int r = 0; r < WG; ++r) {
       const int i = tid + r * THREADS, b = (i / 32) % (KC / 64);
-      if (w_ok[r] && b * 64 < klen) cp_async16(base + i * 16, p.w + w_off[r] + c * (KC / 64) * 32);
+      if (w_ok[r] && b * 64 < klen) cp_async16(base + i * 16, pw + w_off[r] + c * (KC / 64) * 32);
     }
     // activations [8*MT][KC] of this chunk; rows past M are zero-filled
     uint16_t* xs = reinterpret_cast<uint16_t*>(base + C::W_BYTES);
@@ -195,10 +283,10 @@ __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE
       const int h = tid % 2;
       const uint32_t src = (meta_row + gfirst) * 16 + h * 8;
       const int dst = ((meta_w * MAXG + meta_gi) * 16 + h * 8) * 2;
-      cp_async16(meta + dst, p.s + src);
-      if (HAS_MIN) cp_async16(meta + C::S_BYTES + dst, p.mn + src);
+      cp_async16(meta + dst, ps + src);
+      if (HAS_MIN) cp_async16(meta + C::S_BYTES + dst, pmn + src);
     } else if (meta_z && meta_gi < ng) {
-      cp_async16(meta + 2 * C::S_BYTES + (meta_w * MAXG + meta_gi) * 16, p.zp + (meta_row + gfirst) * 16);
+      cp_async16(meta + 2 * C::S_BYTES + (meta_w * MAXG + meta_gi) * 16, pzp + (meta_row + gfirst) * 16);
     }
   };
 
@@ -349,6 +437,35 @@ __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE
   }
   cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
 
+  if constexpr (MOE) {
+    // the C tile through shared memory (the stages are dead after the barrier) as [8 MT pairs][NT
+    // + 4] fp32, then the MoE epilogue reads it by (pair, column)
+    constexpr int CS = NT + 4;
+    static_assert(8 * MT * CS * 4 <= C::SMEM, "the C tile must fit the stages' shared memory");
+    float* ct = reinterpret_cast<float*>(smem);
+    __syncthreads();
+    if (active) {
+      const int nl = warp * 16 + g;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int ml = mt * 8 + 2 * t;
+        ct[ml * CS + nl] = acc[mt][0];
+        ct[(ml + 1) * CS + nl] = acc[mt][1];
+        ct[ml * CS + nl + 8] = acc[mt][2];
+        ct[(ml + 1) * CS + nl + 8] = acc[mt][3];
+      }
+    }
+    __syncthreads();
+    const int n0 = blockIdx.x * NT, ncols = min(NT, p.N - n0);
+    auto pair = [&](int m) { return s_pair[m]; };
+    auto val = [&](int m, int c) { return ct[m * CS + c]; };
+    if constexpr (EPI == EPI_GATE_UP)
+      moe_gate_up_store<BF16, THREADS>(p, M, n0, ncols, pair, val);
+    else
+      moe_down_store<BF16, THREADS>(p, M, n0, ncols, blockIdx.x, gridDim.x, pair, val, s_token);
+    return;
+  }
+
   // C fragment: acc[mt][0..1] = out^T rows n_lo, columns m, m + 1; acc[mt][2..3] rows n_lo + 8
   const int n_lo = slab * 16 + g;
   if (p.splits == 1) {
@@ -451,9 +568,9 @@ int opt_in_smem(Kern kern, int bytes, bool* opted) {
   return M3E_OK;
 }
 
-template <bool BF16, int MT, bool HAS_MIN>
+template <bool BF16, int MT, bool HAS_MIN, int EPI = EPI_GEMM>
 int launch(const Params& p, dim3 grid, cudaStream_t stream) {
-  auto kern = w4a16_kernel<BF16, MT, HAS_MIN>;
+  auto kern = w4a16_kernel<BF16, MT, HAS_MIN, EPI>;
   static bool opted[64] = {};
   if (int rc = opt_in_smem(kern, Cfg<MT>::SMEM, opted); rc != M3E_OK) return rc;
   kern<<<grid, THREADS, Cfg<MT>::SMEM, stream>>>(p);

@@ -44,17 +44,6 @@ constexpr int DECODE_X_MAX = 32 << 10;
 
 static inline int align16(int b) { return (b + 15) & ~15; }
 
-// What a decode CTA does with its sums: the GEMM's store (with split-K), or one of the fused MoE
-// pair's epilogues (moe.cu).
-enum Epilogue { EPI_GEMM = 0, EPI_GATE_UP = 1, EPI_DOWN = 2 };
-
-// The routing weight of pair i, fp32 or the activations' 16-bit type.
-template <bool BF16>
-__device__ __forceinline__ float route_weight(const Params& p, int i) {
-  return p.rw_f32 ? static_cast<const float*>(p.moe_rw)[i]
-                  : bits_to_float(static_cast<const uint16_t*>(p.moe_rw)[i], BF16);
-}
-
 // Groups a slice of 64 cps k can touch: cps * 64 >> gshift, plus one when a group-128 slice starts
 // mid group (gshift 31 = per channel: one).
 static inline int decode_groups(int cps, int gshift, int G) {
@@ -299,47 +288,14 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   };
   const int nrow = 16 * ns, nout = nrow * rows, n0 = slab0 * 16;
 
-  if constexpr (EPI == EPI_GATE_UP) {
-    // slabs 2i and 2i + 1 of the CTA are the gate and up rows of the same 16 outputs (the repack
-    // interleaves them: moe.cu), so silu(gate) * up is computed here, in fp32, rounded once to the
-    // intermediate's type; output index fastest for coalesced stores
-    const int nh = nrow / 2, inter = p.N / 2;
-    for (int i = tid; i < nh * rows; i += DTHREADS) {
-      const int m = i / nh, c = i - m * nh, s = 2 * (c >> 4), r = c & 15;
-      const float g = reduced(s, r, m), u = reduced(s + 1, r, m);
-      store<BF16>(p, (size_t)p.moe_rows[row0 + m] * inter + n0 / 2 + c, g / (1.f + expf(-g)) * u);
-    }
-    return;
-  }
-
-  if constexpr (EPI == EPI_DOWN) {
-    // each pair's routing-weighted output goes to its slot row of the workspace [T topk][N] (fp32);
-    // the CTA that brings a token's arrival count (per token and N tile) to topk sums the token's
-    // slots in slot order: deterministic, one launch (the fence pattern of the split-K fixup)
-    __shared__ int s_token[DECODE_MAX_M];  // the token this CTA completes per row, or -1
-    for (int i = tid; i < nout; i += DTHREADS) {
-      const int m = i / nrow, nl = i - m * nrow, pr = p.moe_rows[row0 + m];
-      p.ws[(size_t)pr * p.N + n0 + nl] = reduced(nl >> 4, nl & 15, m) * route_weight<BF16>(p, pr);
-    }
-    __syncthreads();
-    if (tid < rows) {
-      const int t = p.moe_rows[row0 + tid] / p.topk;
-      int* c = p.cnt + (size_t)t * gridDim.y + ntile;
-      __threadfence();
-      const bool last = atomicAdd(c, 1) == p.topk - 1;
-      if (last) *c = 0;  // every slot has arrived: zero for the next call
-      s_token[tid] = last ? t : -1;
-      __threadfence();
-    }
-    __syncthreads();
-    for (int i = tid; i < nout; i += DTHREADS) {
-      const int m = i / nrow, nl = i - m * nrow, t = s_token[m];
-      if (t < 0) continue;
-      const float* src = p.ws + (size_t)t * p.topk * p.N + n0 + nl;
-      float v = 0.f;
-      for (int j = 0; j < p.topk; ++j) v += __ldcg(src + (size_t)j * p.N);
-      store<BF16>(p, (size_t)t * p.N + n0 + nl, v);
-    }
+  if constexpr (MOE) {
+    __shared__ int s_token[DECODE_MAX_M];
+    auto pair = [&](int m) { return p.moe_rows[row0 + m]; };
+    auto val = [&](int m, int c) { return reduced(c >> 4, c & 15, m); };
+    if constexpr (EPI == EPI_GATE_UP)
+      moe_gate_up_store<BF16, DTHREADS>(p, rows, n0, nrow, pair, val);
+    else
+      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, gridDim.y, pair, val, s_token);
     return;
   }
 
