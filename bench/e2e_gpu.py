@@ -247,6 +247,44 @@ def run_smollm2(path: Path, bw: float) -> list[dict]:
     return rows
 
 
+def run_load(preset: str, layers: int, work: Path) -> str:
+    """Load times of a checkpoint on disk (a `layers`-deep cut of the preset, random int4, written
+    first): the repack cache off, cold (repack + writing the cache) and warm (read from the cache).
+    The checkpoint's files are in the OS page cache for all three (just written, then read), so the
+    numbers compare the loads' own work, not the disk."""
+    import os
+    import shutil
+
+    from m3edge.model.checkpoint import CheckpointWriter
+
+    raw = {**PRESETS[preset], "num_hidden_layers": layers}
+    cfg = M3Config.from_dict({**raw, "quantization_config": int4_config(preset).quantization_config})
+    src, ckpt, cache_dir = RandomInt4(cfg), work / "ckpt", work / "cache"
+    t0 = time.perf_counter()
+    with CheckpointWriter(ckpt, shard_bytes=2 * GIB, overwrite=True) as w:
+        for name in src.names():
+            w.add(name, src.get(name))
+        w.finish({**raw, "quantization_config": cfg.quantization_config})
+    write_s = time.perf_counter() - t0
+    ckpt_gb = sum(f.stat().st_size for f in ckpt.iterdir()) / 1e9
+    os.environ["M3EDGE_CACHE_DIR"] = str(cache_dir)
+    times = {}
+    for label, cached in (("no cache", False), ("cold (repack + write)", True), ("warm (from the cache)", True)):
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        be = CudaBackend(ckpt, max_context=CONTEXT, graphs=False, repack_cache=cached)
+        torch.cuda.synchronize()
+        times[label] = time.perf_counter() - t0
+        del be
+    cache_gb = sum(f.stat().st_size for f in cache_dir.rglob("*.safetensors")) / 1e9
+    shutil.rmtree(work, ignore_errors=True)
+    lines = [f"Load of a {layers}-layer {preset} int4 checkpoint from disk ({ckpt_gb:.2f} GB, written in "
+             f"{write_s:.1f} s; in the page cache), repack cache {cache_gb:.2f} GB:", "",
+             "| load | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in times.items()]
+    return "\n".join(lines) + "\n"
+
+
 def profile(preset: str, layers: int = 4, prefill_media: bool = False) -> None:
     """The GPU kernels of one eager decode step (a `layers`-deep cut of the preset), by total time;
     with prefill_media, of the TTFT prompt's prefill instead."""
@@ -291,9 +329,19 @@ def main() -> None:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--profile-prefill", action="store_true", help="only list the kernels of the TTFT prefill")
+    ap.add_argument("--load", type=Path, metavar="WORK_DIR",
+                    help="only time loads from disk (repack cache off / cold / warm) of a 4-layer cut of the first "
+                         "--only preset, written under WORK_DIR (removed after)")
     args = ap.parse_args()
     if args.profile or args.profile_prefill:
         return profile(args.only[0], prefill_media=args.profile_prefill)
+    if args.load:
+        text = run_load(args.only[0], 4, args.load)
+        print(text)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "load.md").write_text(text)
+        return
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []

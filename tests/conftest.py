@@ -12,6 +12,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _repack_cache_dir(tmp_path_factory):
+    """The cuda backend's repack cache (runtime/repack_cache.py): a test's, never the user's folder."""
+    os.environ["M3EDGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("repack-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random M3-Lite checkpoint (spec's test config), made once per test session."""

@@ -237,6 +237,86 @@ def _small_m3(tmp_path):
     return q
 
 
+def _repacked(model) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's kernel-layout weights, by module path and role."""
+    from m3edge.runtime import native
+
+    out = {}
+    for name, mod in model.named_modules():
+        for attr, v in vars(mod).items():
+            ws = ([v.gate_up, v.down] if isinstance(v, native.W4Experts) else [v] if isinstance(v, native.W4Weights)
+                  else [])
+            for j, w in enumerate(ws):
+                for f in ("w", "scales", "mins", "zeros"):
+                    if getattr(w, f) is not None:
+                        out[f"{name}.{attr}.{j}.{f}"] = getattr(w, f)
+    return out
+
+
+class _NoPacked:
+    """The checkpoint's tensors, refusing the packed ones: a load that reads the cache must not ask."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def names(self):
+        return self.files.names()
+
+    def get(self, name):
+        assert not name.endswith(("weight_packed", "weight_scale", "weight_zero_point")), f"read {name}"
+        return self.files.get(name)
+
+
+def test_repack_cache_is_made_once_then_read_instead_of_the_checkpoint(tmp_path, capsys):
+    """First load: one file per layer (+ the int8 lm_head's) in the cache; second load: the same
+    tensors bit for bit, without one packed tensor read; a damaged file is repacked and written again;
+    a changed checkpoint gets a new folder and its old one is removed; a folder that cannot be written
+    is said once and the load goes on."""
+    from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config
+    from m3edge.runtime.cuda import W8Linear, build_model
+    from m3edge.runtime.repack_cache import RepackCache
+
+    q = _small_m3(tmp_path)
+    cfg = read_config(q)
+    packed = checkpoint_tensors(cfg)[1]
+    cpu, root = torch.device("cpu"), tmp_path / "cache"
+
+    def load(source=None, cache_root=root):
+        return build_model(cfg, source or TensorFiles(q), packed, cpu, torch.bfloat16,
+                           cache=RepackCache(q, cpu, 1 << 20, root=cache_root))
+
+    first = load()
+    files = sorted((root / "repack").glob("*/*.safetensors"))
+    w8 = isinstance(first.lm_head, W8Linear)
+    assert [f.name for f in files] == [f"layer-{i:04d}.safetensors" for i in range(cfg.num_hidden_layers)] + \
+        (["lm_head.safetensors"] if w8 else [])
+    ref = _repacked(first)
+    assert len(ref) >= 4 * cfg.num_hidden_layers
+    second = load(_NoPacked(TensorFiles(q)))
+    got = _repacked(second)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+    files[0].write_bytes(files[0].read_bytes()[:100])  # a file cut short (a crash mid-write elsewhere)
+    got = _repacked(load())
+    assert all(torch.equal(got[k], ref[k]) for k in ref) and files[0].stat().st_size > 100
+
+    old_dir = files[0].parent
+    (q / "config.json").touch()  # the checkpoint changed: a new key
+    os.utime(q / "config.json", ns=(0, 10**18))
+    load()
+    dirs = list((root / "repack").iterdir())
+    assert len(dirs) == 1 and dirs[0] != old_dir
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    capsys.readouterr()
+    got = _repacked(load(cache_root=blocked))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    err = capsys.readouterr().err
+    assert err.count("m3edge: cannot write the repack cache") == 1 and "loading without it" in err
+
+
 @pytest.mark.gpu
 def test_m3lite_image_audio_greedy_equals_the_reference(tmp_path):
     """Image + audio prompt (fusion experts open), routed experts in the fused MoE kernels. fp16

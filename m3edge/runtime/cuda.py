@@ -2,7 +2,8 @@
 
 Load (once). The reference model (m3lite.py) is built on the meta device and its modules swapped for
 the kernels' ones, each weight read once from the checkpoint (or any `TensorSource`) and repacked on
-the GPU (runtime/native.py; not cached on disk: repacking is done on the GPU as the weights arrive):
+the GPU (runtime/native.py) as the weights arrive, and kept on disk for the next load of the same
+checkpoint (runtime/repack_cache.py: that load reads the kernels' layout and skips the repack):
 q, k and v become one int4 GEMM over their stacked rows (`FusedQKVAttention`), o one `W4Linear`;
 the routed experts of an MoE layer one `W4Experts` for the fused MoE kernel pair, with the shared
 expert appended as one more expert when it has their shape (`NativeMoE`: one launch pair for all
@@ -41,6 +42,7 @@ from m3edge.model.m3lite import (MODALITY_TEXT, Attention, KVCache, M3Config, M3
                                  kv_bytes_per_token, param_for, rope_cos_sin, rope_inv_freq, select_experts)
 from m3edge.model.scheme import Scheme
 from m3edge.runtime import native
+from m3edge.runtime.repack_cache import RepackCache
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the attention scratch at long contexts
 SCRATCH_FIXED = 512 * 2**20  # CUDA context extras, cuBLAS and kernel workspaces, graph pools (measured, see bench)
@@ -423,12 +425,25 @@ class StaticKVCache(KVCache):
 
 
 def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str, Scheme]], device: torch.device,
-                dtype: torch.dtype, progress=None) -> M3Lite:
-    """The reference model with the kernels' modules in place, weights on `device` (see module doc)."""
+                dtype: torch.dtype, progress=None, cache: RepackCache | None = None) -> M3Lite:
+    """The reference model with the kernels' modules in place, weights on `device` (see module doc).
+    With a `cache`, every repacked weight comes from its file when it is there, and is written to
+    it when it is not (one file per layer, written when the layer is done)."""
     with torch.device("meta"):
         model = M3Lite(cfg)
     names = set(source.names())
     done: set[str] = set()
+    part = None  # the current file of the cache
+
+    def cached(entry: str, make) -> list[native.W4Weights]:
+        """The entry's repacked weights: from the cache, or make() (reading the checkpoint)."""
+        return make() if part is None else part.get(entry, make)
+
+    def linear(entry: str, mods: list[str], scheme: Scheme, bias: bool = True) -> W4Linear:
+        """One W4Linear over the stacked rows of these modules (same inputs and scheme)."""
+        wt = cached(entry, lambda: [native.repack(_stacked([parts(m) for m in mods]), scheme)])[0]
+        biases = [_bias(source, names, m, device, dtype, done) if bias else None for m in mods]
+        return W4Linear(wt, _cat_bias(biases, [expected[f"{m}.weight"][0] for m in mods]))
 
     def parts(module: str) -> dict[str, torch.Tensor]:
         got = {k: source.get(f"{module}.{k}").to(device) for k in
@@ -440,26 +455,33 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
     def takes(name: str) -> bool:
         return name in packed and _kernel_takes(packed[name][1], tuple(expected[name]))
 
+    def experts(entry: str, mods: list[str], scheme: Scheme) -> native.W4Experts:
+        """The MoE kernels' stack of these experts' gate, up and down projections."""
+        def make():
+            ex = native.repack_experts(*[[parts(f"{m}.{x}_proj") for m in mods] for x in ("gate", "up", "down")],
+                                       scheme)
+            return [ex.gate_up, ex.down]
+        gu, dn = cached(entry, make)
+        return native.W4Experts(gu, dn, len(mods))
+
     expected = expected_tensors(cfg)
     n_layers = cfg.num_hidden_layers
     for i, layer in enumerate(model.layers):
+        part = cache.part(f"layer-{i:04d}") if cache is not None else None
         p = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [f"{p}.self_attn.{x}_proj" for x in "qkv"]
         if all(takes(f"{m}.weight") for m in qkv) and len({packed[f"{m}.weight"][1] for m in qkv}) == 1:
-            layer.self_attn = FusedQKVAttention(attn, _linear([parts(m) for m in qkv], packed[f"{qkv[0]}.weight"][1],
-                                                              [_bias(source, names, m, device, dtype, done)
-                                                               for m in qkv]))
+            layer.self_attn = FusedQKVAttention(attn, linear("qkv", qkv, packed[f"{qkv[0]}.weight"][1]))
             attn = layer.self_attn
         else:
             for x in "qkv":
                 if takes(f"{p}.self_attn.{x}_proj.weight"):
                     m = f"{p}.self_attn.{x}_proj"
-                    setattr(attn, f"{x}_proj", _linear([parts(m)], packed[f"{m}.weight"][1],
-                                                       [_bias(source, names, m, device, dtype, done)]))
+                    setattr(attn, f"{x}_proj", linear(f"{x}_proj", [m], packed[f"{m}.weight"][1]))
         if takes(f"{p}.self_attn.o_proj.weight"):
             m = f"{p}.self_attn.o_proj"
-            attn.o_proj = _linear([parts(m)], packed[f"{m}.weight"][1], [_bias(source, names, m, device, dtype, done)])
+            attn.o_proj = linear("o_proj", [m], packed[f"{m}.weight"][1])
 
         sh = f"{p}.mlp.shared_experts"
         has_shared = getattr(mlp, "shared_experts", None) is not None
@@ -472,22 +494,27 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
                 fold = shared_ok and {packed[f"{sh}.{x}_proj.weight"][1] for x in ("gate", "up", "down")} == schemes \
                     and expected[f"{sh}.gate_proj.weight"] == expected[f"{ex[0]}.gate_proj.weight"]
                 ex = ex + [sh] if fold else ex
-                stacks = native.repack_experts(*[[parts(f"{m}.{x}_proj") for m in ex] for x in ("gate", "up", "down")],
-                                               schemes.pop())
-                layer.mlp = mlp = NativeMoE(mlp, stacks, shared_slot=fold)
+                layer.mlp = mlp = NativeMoE(mlp, experts("experts+shared" if fold else "experts", ex, schemes.pop()),
+                                            shared_slot=fold)
         elif shared_ok and len({packed[f"{sh}.{x}_proj.weight"][1] for x in ("gate", "up", "down")}) == 1:
-            layer.mlp = mlp = NativeDense(native.repack_experts(*[[parts(f"{sh}.{x}_proj")] for x in ("gate", "up", "down")],
-                                                                packed[f"{sh}.gate_proj.weight"][1]))
+            layer.mlp = mlp = NativeDense(experts("dense", [sh], packed[f"{sh}.gate_proj.weight"][1]))
         if getattr(mlp, "shared_experts", None) is not None:  # not folded: its own GEMMs
             for x in ("gate", "up", "down"):
                 m = f"{sh}.{x}_proj"
                 if takes(f"{m}.weight"):
-                    setattr(mlp.shared_experts, f"{x}_proj", _linear([parts(m)], packed[f"{m}.weight"][1], [None]))
+                    setattr(mlp.shared_experts, f"{x}_proj", linear(f"shared.{x}_proj", [m], packed[f"{m}.weight"][1],
+                                                                    bias=False))
+        if part is not None:
+            part.save()
         if progress:
             progress("repack", i + 1, n_layers)
     lm = packed.get("lm_head.weight")
     if lm is not None and _w8_takes(lm[1], tuple(expected["lm_head.weight"])):
-        model.lm_head = _w8_linear(parts(lm[0]), lm[1])
+        part = cache.part("lm_head") if cache is not None else None
+        model.lm_head = W8Linear(*cached("lm_head", lambda: (lambda w8: [w8.hi, w8.lo])(_w8_linear(parts(lm[0]), lm[1]))))
+        if part is not None:
+            part.save()
+    part = None
     # everything else: materialise the meta parameters left, then load them (dequantized if packed)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy of the tables on the GPU
 
@@ -529,20 +556,22 @@ def _bias(source: TensorSource, names: set[str], module: str, device, dtype, don
     return source.get(f"{module}.bias").to(device, dtype)
 
 
-def _linear(parts: list[dict[str, torch.Tensor]], scheme: Scheme, biases: list[torch.Tensor | None]) -> W4Linear:
-    """One W4Linear over the stacked rows of these pack-quantized linears (same inputs and scheme)."""
+def _stacked(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One pack-quantized linear over the stacked rows of these (same inputs and scheme)."""
     if len(parts) == 1:
-        t = parts[0]
-    else:
-        k = {int(x["weight_shape"][1]) for x in parts}
-        if len(k) != 1:
-            raise M3Error(f"only linears with the same inputs stack, got in_features {sorted(k)}")
-        t = {key: torch.cat([x[key] for x in parts]) for key in parts[0] if key != "weight_shape"}
-        t["weight_shape"] = torch.tensor([sum(int(x["weight_shape"][0]) for x in parts), k.pop()])
+        return parts[0]
+    k = {int(x["weight_shape"][1]) for x in parts}
+    if len(k) != 1:
+        raise M3Error(f"only linears with the same inputs stack, got in_features {sorted(k)}")
+    t = {key: torch.cat([x[key] for x in parts]) for key in parts[0] if key != "weight_shape"}
+    t["weight_shape"] = torch.tensor([sum(int(x["weight_shape"][0]) for x in parts), k.pop()])
+    return t
+
+
+def _cat_bias(biases: list[torch.Tensor | None], rows: list[int]) -> torch.Tensor | None:
+    """The stacked linears' bias (zeros for those without one), or None when none has one."""
     some = next((b for b in biases if b is not None), None)
-    bias = None if some is None else torch.cat(
-        [b if b is not None else some.new_zeros(int(x["weight_shape"][0])) for b, x in zip(biases, parts)])
-    return W4Linear(native.repack(t, scheme), bias)
+    return None if some is None else torch.cat([b if b is not None else some.new_zeros(n) for b, n in zip(biases, rows)])
 
 
 # ---------------------------------------------------------------------------------------------- backend
@@ -581,9 +610,11 @@ class CudaBackend:
 
     def __init__(self, model_dir: str | Path | None = None, max_context: int | None = None,
                  dtype: torch.dtype = torch.bfloat16, graphs: bool = True, *, cfg: M3Config | None = None,
-                 source: TensorSource | None = None, progress=None):
+                 source: TensorSource | None = None, progress=None, repack_cache: bool = True):
         """A checkpoint directory, or (cfg, source) for weights made elsewhere (the benchmark's
-        random full-size model). max_context None: the model's, or the largest that fits."""
+        random full-size model). max_context None: the model's, or the largest that fits.
+        repack_cache: a checkpoint directory's repacked weights are kept on disk and read back on
+        the next load (runtime/repack_cache.py; M3EDGE_CACHE_DIR=off turns it off everywhere)."""
         from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config, validate
 
         why = cuda_unavailable()
@@ -605,7 +636,9 @@ class CudaBackend:
             self.plan.context = min(want, self.plan.largest_context())
         self.plan.check()
         self.max_context = self.plan.context
-        self.model = build_model(cfg, source, packed, self.device, dtype, progress)
+        cache = RepackCache(model_dir, self.device, self.plan.weights) if model_dir is not None and repack_cache \
+            else None
+        self.model = build_model(cfg, source, packed, self.device, dtype, progress, cache)
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.use_graphs = graphs
         self._free: list[_Slot] = []  # slots of dropped caches

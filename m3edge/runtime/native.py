@@ -45,6 +45,9 @@ from m3edge.model.packing import _unpack_rows
 from m3edge.model.scheme import Scheme
 
 ROOT = Path(__file__).resolve().parents[2] / "native"
+# The kernels' weight layout (module doc), as the repack cache (runtime/repack_cache.py) keys it: raise
+# it with any change to what repack / repack_experts produce, so that no cache made before is read.
+REPACK_VERSION = 1
 SOURCES = ["binder.cpp", "cuda/w4a16.cu", "cuda/w4a16_f16.cu", "cuda/w4a16_bf16.cu", "cuda/moe.cu",
            "cuda/moe_f16.cu", "cuda/moe_bf16.cu", "cuda/decode_ops.cu"]
 HEADERS = ["cuda/m3e_api.cuh", "cuda/ptx.cuh", "cuda/w4a16.cuh", "cuda/w4a16_decode.cuh", "cuda/moe.cuh"]
