@@ -201,7 +201,8 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
                       const at::Tensor& s_gu, const c10::optional<at::Tensor>& mn_gu,
                       const c10::optional<at::Tensor>& zp_gu, const at::Tensor& w_dn, const at::Tensor& s_dn,
                       const c10::optional<at::Tensor>& mn_dn, const c10::optional<at::Tensor>& zp_dn, at::Tensor& out,
-                      int64_t group, int64_t ns_gu, int64_t ns_dn, int64_t mma_rows) {
+                      int64_t group, int64_t ns_gu, int64_t ns_dn, int64_t mma_rows,
+                      const c10::optional<at::Tensor>& residual) {
   CHECK_MOE(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ", desc(x));
   const int64_t T = x.size(0), H = x.size(1);
   CHECK_MOE(T >= 1 && H % 64 == 0 && H > 0, "x [T, H] needs T >= 1 and H a multiple of 64, got ", desc(x));
@@ -255,6 +256,8 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   CHECK_MOE((out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat) && out.dim() == 2 &&
                 out.size(0) == T && out.size(1) == H,
             "out must be [", T, ", ", H, "] ", c10::toString(x.scalar_type()), " or Float, got ", desc(out));
+  CHECK_MOE(!residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
+            "residual must be like x ", desc(x), ", got ", residual ? desc(*residual) : std::string());
   CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
             "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
   CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
@@ -268,6 +271,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
       {"down.w", &w_dn}, {"down.scales", &s_dn}, {"out", &out}};
   if (mn_gu) all.insert(all.end(), {{"gate_up.mins", &*mn_gu}, {"down.mins", &*mn_dn}});
   if (zp_gu) all.insert(all.end(), {{"gate_up.zeros", &*zp_gu}, {"down.zeros", &*zp_dn}});
+  if (residual) all.push_back({"residual", &*residual});
   if (auto e = check_all("moe_w4a16", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: moe_w4a16: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -319,6 +323,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   a.ns_gu = (int)ns_gu;
   a.ns_dn = (int)ns_dn;
   a.mma_rows = (int)mma_rows;
+  a.residual = residual ? residual->data_ptr() : nullptr;
   rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
@@ -459,20 +464,27 @@ std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_n
 #endif
 }
 
-// RMSNorm (native/cuda/decode_ops.cu): x, out [T, H] fp16/bf16, w [H], all one dtype, H % 8 == 0.
-std::string rmsnorm(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps) {
+// RMSNorm (native/cuda/decode_ops.cu): x, out [T, H] fp16/bf16, w [H], all one dtype, H % 8 == 0. With
+// a residual (like x), x becomes x + residual in place and that is normed.
+std::string rmsnorm(at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps,
+                    const c10::optional<at::Tensor>& residual) {
   CHECK_OP("rmsnorm", x.dim() == 2 && is_half(x) && x.size(1) % 8 == 0,
            "x must be float16 or bfloat16 [T, H] with H a multiple of 8, got ", desc(x));
   CHECK_OP("rmsnorm", w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
            "w must be [", x.size(1), "] of x's dtype, got ", desc(w));
   CHECK_OP("rmsnorm", out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "out must be like x ",
            desc(x), ", got ", desc(out));
-  if (auto e = check_all("rmsnorm", {{"x", &x}, {"w", &w}, {"out", &out}}); !e.empty()) return e;
+  CHECK_OP("rmsnorm", !residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
+           "residual must be like x ", desc(x), ", got ", residual ? desc(*residual) : std::string());
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"out", &out}};
+  if (residual) all.push_back({"residual", &*residual});
+  if (auto e = check_all("rmsnorm", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: rmsnorm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_status("rmsnorm", m3e_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), (int)x.size(0),
+  return run_status("rmsnorm", m3e_rmsnorm(x.data_ptr(), residual ? residual->data_ptr() : nullptr, w.data_ptr(),
+                                           out.data_ptr(), (int)x.size(0),
                                            (int)x.size(1), (float)eps, x.scalar_type() == at::kBFloat16,
                                            at::cuda::getCurrentCUDAStream().stream()));
 #endif
@@ -520,7 +532,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "error message or ''",
         py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("w_gu"), py::arg("s_gu"),
         py::arg("mn_gu"), py::arg("zp_gu"), py::arg("w_dn"), py::arg("s_dn"), py::arg("mn_dn"), py::arg("zp_dn"),
-        py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0, py::arg("mma_rows") = 0);
+        py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0, py::arg("mma_rows") = 0,
+        py::arg("residual") = py::none());
   m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
         py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0,
         py::arg("mma_rows") = 0);
@@ -529,7 +542,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("k"), py::arg("n_fusion"), py::arg("norm_topk"), py::arg("extra_id"),
         py::arg("scale"));
   m.def("rmsnorm", &rmsnorm, "RMSNorm (native/cuda/decode_ops.cu); returns an error message or ''", py::arg("x"),
-        py::arg("w"), py::arg("out"), py::arg("eps"));
+        py::arg("w"), py::arg("out"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_qkv", &rope_qkv, "q/k norm, RoPE, KV-cache write (native/cuda/decode_ops.cu); returns an error or ''",
         py::arg("qkv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("cos"), py::arg("sin"), py::arg("q_out"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pos0"), py::arg("nh"), py::arg("nkv"),

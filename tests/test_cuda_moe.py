@@ -115,6 +115,7 @@ def _moe_args(T=3, k=2, E=4, H=128, I=64, group=32, dtype=torch.float16, **over)
     ({"ns_gu": 1}, r"ns_gu must be 0 \(automatic\), 2, 4, 8 or 16, got 1"),
     ({"mma_rows": 8}, r"mma_rows must be 0 \(automatic\), -1 \(the decode kernel\), 16, 32 or 64, got 8"),
     ({"mma_rows": 32, "ns_dn": 4}, r"cannot be combined with mma_rows = 32 \(the tile kernel\)"),
+    ({"residual": torch.zeros(3, 64, dtype=torch.float16)}, r"residual must be like x \[3, 128\] Half, got \[3, 64\] Half"),
     ({}, r"x \[3, 128\] Half is on cpu; every tensor must be on the same CUDA device"),
 ])
 def test_moe_binder_checks_name_the_shapes(checks, over, pattern):
@@ -268,6 +269,27 @@ def test_moe_forced_kernel_and_repeatable(ext, mma_rows, kind, group, act):
     a = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, H, device="cuda"), mma_rows=mma_rows)
     b = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, H, device="cuda"), mma_rows=mma_rows)
     assert torch.equal(a, b)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T,mma_rows", [(1, 0), (5, -1), (150, 32)])
+def test_moe_adds_the_residual(ext, T, mma_rows, act):
+    """With a residual, the output is residual + the routed sum in fp32 (the same bits as adding it
+    after the call with an fp32 output), on both kernels; rounded once into x's type."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    gate, up, down, scheme = _experts(8, 256, 128, 64, "sym", act, seed, device="cuda")
+    ex = native.repack_experts(gate, up, down, scheme)
+    g = torch.Generator("cuda").manual_seed(seed + 1)
+    x = torch.randn(T, 256, generator=g, device="cuda").to(act)
+    res = torch.randn(T, 256, generator=g, device="cuda").to(act)
+    ids, w = _routing(T, 8, 3, -1, act, True, True, g)
+    plain = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, 256, device="cuda"), mma_rows=mma_rows)
+    got = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, 256, device="cuda"), mma_rows=mma_rows, residual=res)
+    assert torch.equal(got, plain + res.float()), f"T={T} mma_rows={mma_rows} seed={seed}"
+    got16 = native.moe_w4a16(x, ids, w, ex, mma_rows=mma_rows, residual=res)
+    assert torch.equal(got16, (plain + res.float()).to(act))
 
 
 @gpu

@@ -434,6 +434,14 @@ def test_rmsnorm_kernel_matches_f_rms_norm(dtype):
         want = F.rms_norm(x.float(), (H,), w.float(), 1e-6).to(dtype)
         torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-3)
         assert (got != want).float().mean() < 0.02  # off by one rounding at most, and rarely
+        # with a residual: x becomes x + r (torch's add, bit for bit), normed as above
+        r = torch.randn(T, H, device="cuda", generator=g).to(dtype)
+        x0 = x.clone()
+        got = native.rmsnorm(x, w, 1e-6, residual=r)
+        assert torch.equal(x, x0 + r)
+        want = F.rms_norm(x.float(), (H,), w.float(), 1e-6).to(dtype)
+        torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-3)
+        assert (got != want).float().mean() < 0.02
 
 
 @pytest.mark.slow
@@ -448,6 +456,9 @@ def test_small_ops_binder_checks_name_the_shapes():
                                      torch.zeros(3, 100, dtype=bf), 1e-6))
     with pytest.raises(ValueError, match=r"rmsnorm: w must be \[64\] of x's dtype, got \[64\] Float"):
         native.raise_for(ext.rmsnorm(torch.zeros(3, 64, dtype=bf), torch.zeros(64), torch.zeros(3, 64, dtype=bf), 1e-6))
+    with pytest.raises(ValueError, match=r"rmsnorm: residual must be like x \[3, 64\] BFloat16, got \[3, 64\] Half"):
+        native.raise_for(ext.rmsnorm(torch.zeros(3, 64, dtype=bf), torch.zeros(64, dtype=bf),
+                                     torch.zeros(3, 64, dtype=bf), 1e-6, torch.zeros(3, 64, dtype=torch.float16)))
     x, mod, fus = torch.zeros(2, 256, dtype=bf), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
     ids, w = torch.zeros(2, 9, dtype=torch.int32), torch.zeros(2, 9)
     with pytest.raises(ValueError, match=r"route_topk: routers must be \[R, E, 256\] of x's dtype .* got \[3, 48, 128\]"):

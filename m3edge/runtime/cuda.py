@@ -225,8 +225,13 @@ class FastRMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = norm.weight, norm.eps
 
+    @staticmethod
+    def takes(x: torch.Tensor) -> bool:
+        """Whether the kernel takes x (else F.rms_norm runs)."""
+        return x.is_cuda and x.is_contiguous() and x.shape[-1] % 8 == 0 and x.data_ptr() % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.is_contiguous() and x.shape[-1] % 8 == 0 and x.data_ptr() % 16 == 0:
+        if self.takes(x):
             return native.rmsnorm(x, self.weight, self.eps)  # ours: ~2 us a row where F.rms_norm took 6
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -288,20 +293,24 @@ class NativeMoE(MoE):
         else:
             self._w = w.float()
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor) -> torch.Tensor:
-        """On the GPU: routing (shared slot included) in one kernel, then the fused expert pair."""
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """On the GPU: routing (shared slot included) in one kernel, then the fused expert pair, which
+        adds `residual` (the layer's residual stream, like x) to its output when given."""
         if self._r is None:
-            return super().forward(x, modality, fusion_ok)
+            y = super().forward(x, modality, fusion_ok)
+            return y if residual is None else residual + y
         B, S, H = x.shape
         xt = x.reshape(-1, H).contiguous()
         c = self.cfg
         ids, w = native.route_topk(xt, self._r, modality.reshape(-1).contiguous(), fusion_ok.reshape(-1).contiguous(),
                                    c.num_experts_per_tok, c.num_fusion_experts, c.norm_topk_prob,
                                    c.routed_scaling_factor, self.native.n_experts - 1 if self.shared_slot else -1)
-        y = native.moe_w4a16(xt, ids, w, self.native)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(xt)
-        return y.view(B, S, H)
+            y = native.moe_w4a16(xt, ids, w, self.native) + self.shared_experts(xt)
+            return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
+        res = None if residual is None else residual.reshape(-1, H).contiguous()
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res).view(B, S, H)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
         logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]
@@ -325,14 +334,40 @@ class NativeDense(nn.Module):
         self.native = experts
         self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> (ids, weights), made once
 
-    def forward(self, x: torch.Tensor, modality=None, fusion_ok=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality=None, fusion_ok=None, residual: torch.Tensor | None = None):
         xt = x.reshape(-1, x.shape[-1]).contiguous()
         T = xt.shape[0]
         if T not in self._slots:
             self._slots[T] = (torch.zeros(T, 1, dtype=torch.int32, device=x.device),
                               torch.ones(T, 1, dtype=torch.float32, device=x.device))
         ids, w = self._slots[T]
-        return native.moe_w4a16(xt, ids, w, self.native).view(x.shape)
+        res = None if residual is None else residual.reshape(-1, x.shape[-1]).contiguous()
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res).view(x.shape)
+
+
+class NativeLayer(nn.Module):
+    """A decoder layer whose residual adds ride in other launches: attention's output is added to
+    the stream by the second norm's kernel (native.rmsnorm with a residual), and the MLP's by the
+    fused MoE pair's down epilogue. Two elementwise launches a layer fewer than the reference's
+    `h + ...` twice; the same arithmetic (each sum rounded once to the activation dtype)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+
+    def forward(self, h, cos, sin, mask, cache, modality, fusion_ok):
+        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        norm = self.post_attention_layernorm
+        if isinstance(norm, FastRMSNorm) and norm.takes(a) and norm.takes(h):
+            x2 = native.rmsnorm(a, norm.weight, norm.eps, residual=h)  # a becomes h + a
+            h = a
+        else:
+            h = h + a
+            x2 = norm(h)
+        if isinstance(self.mlp, (NativeMoE, NativeDense)):
+            return self.mlp(x2, modality, fusion_ok, residual=h)
+        return h + self.mlp(x2, modality, fusion_ok)
 
 
 @dataclass
@@ -537,6 +572,8 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
                 setattr(mod, child, FastRMSNorm(sub))
         if isinstance(mod, NativeMoE):
             mod.prepare()
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = NativeLayer(layer)
     return model.eval()
 
 

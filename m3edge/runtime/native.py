@@ -296,12 +296,14 @@ def repack_experts(gate: list[dict[str, torch.Tensor]], up: list[dict[str, torch
 
 
 def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: W4Experts,
-              out: torch.Tensor | None = None, ns_gu: int = 0, ns_dn: int = 0, mma_rows: int = 0) -> torch.Tensor:
+              out: torch.Tensor | None = None, ns_gu: int = 0, ns_dn: int = 0, mma_rows: int = 0,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts of an MoE layer, fused (native/cuda/moe.cu): x [T, H] fp16/bf16, topk_ids
     [T, k] int32/int64, topk_weights [T, k] float32 or x's dtype -> [T, H] = sum_j topk_weights[t, j] *
     down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]; an id outside [0, E) adds nothing.
     The intermediate silu(gate) * up is rounded to x's dtype (as the model's bf16 expert does); the
-    slots are summed in fp32 in slot order. `out` may be given ([T, H], x's dtype or float32).
+    slots are summed in fp32 in slot order. `out` may be given ([T, H], x's dtype or float32). With a
+    `residual` (like x) the output is residual + that sum, rounded once (a layer's residual add).
     The plan picks the kernel by pairs per expert: the decode kernel (tiles of up to 8 pairs) or the
     mma tile kernel (tiles of 16-64 pairs, prefill). mma_rows forces it: -1 the decode kernel, 16 / 32 /
     64 the tile kernel with that many pairs per tile (0 = the plan's); ns_gu / ns_dn force the decode
@@ -310,7 +312,7 @@ def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         out = torch.empty(x.shape[0], experts.gate_up.k, dtype=x.dtype, device=x.device)
     gu, dn = experts.gate_up, experts.down
     raise_for(load().moe_w4a16(x, topk_ids, topk_weights, gu.w, gu.scales, gu.mins, gu.zeros, dn.w, dn.scales,
-                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows))
+                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows, residual))
     return out
 
 
@@ -326,11 +328,13 @@ def route_topk(x: torch.Tensor, routers: torch.Tensor, modality: torch.Tensor, f
     return ids, w
 
 
-def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.rms_norm(x, (H,), w, eps) in one launch (native/cuda/decode_ops.cu): x [..., H], H % 8 == 0."""
-    x2 = x.reshape(-1, x.shape[-1])
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.rms_norm(x, (H,), w, eps) in one launch (native/cuda/decode_ops.cu): x [..., H], H % 8 == 0.
+    With a `residual` (like x), x first becomes x + residual in place (rounded to x's dtype, as
+    torch's add), and that sum is normed: the add before a layer's second norm, in the same launch."""
+    x2 = x.view(-1, x.shape[-1])
     out = torch.empty_like(x2)
-    raise_for(load().rmsnorm(x2, w, out, eps))
+    raise_for(load().rmsnorm(x2, w, out, eps, None if residual is None else residual.view(-1, x.shape[-1])))
     return out.view(x.shape)
 
 

@@ -53,25 +53,45 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, bool bf16) {
   return s;
 }
 
-// Router logits: grid (ceil(E / LOGIT_WARPS), T), one warp per expert, 16-byte loads of x and the
-// router row. Two warps a CTA spread one token's E rows over E / 2 SMs (eight a CTA took 7 us at E =
-// 48, H = 4096 on the H100: six SMs pulling 393 KB).
-constexpr int LOGIT_WARPS = 2;
+// Router logits: grid (E, T), one CTA of LOGIT_WARPS warps per (expert, token) splitting H, every
+// thread's 16-byte loads of x and the router row issued before the first is used, the warps'
+// partial sums added in warp order. One warp per expert (all of H: 16 dependent rounds of 2 KB at
+// H = 4096) took 6.9 us for E = 48 on the H100 whether two or eight shared a CTA (NOTES.md R4).
+constexpr int LOGIT_WARPS = 4;
+constexpr int LOGIT_ILP = 4;  // loads in flight per thread
 
 template <bool BF16>
 __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_route_args a, float* logits) {
-  const int t = blockIdx.y, e = blockIdx.x * LOGIT_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (e >= a.E) return;
+  __shared__ float part[LOGIT_WARPS];
+  const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
+  constexpr int NT = 32 * LOGIT_WARPS;
   const int64_t m = a.modality[t];
   float s = 0.f;
   if (m >= 0 && m < a.R) {
     const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
     const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H);
-#pragma unroll 4
-    for (int i = lane; i < a.H / 8; i += 32) s += dot8(x[i], w[i], BF16);
+    const int n = a.H / 8;
+    for (int i0 = tid; i0 < n; i0 += NT * LOGIT_ILP) {
+      uint4 xv[LOGIT_ILP], wv[LOGIT_ILP];
+#pragma unroll
+      for (int u = 0; u < LOGIT_ILP; ++u) {
+        const int i = i0 + u * NT;
+        xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
+        wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < LOGIT_ILP; ++u) s += dot8(xv[u], wv[u], BF16);
+    }
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   }
-  if (lane == 0) logits[(size_t)t * a.E + e] = (a.n_fusion && !a.fusion_ok[t] && e >= a.E - a.n_fusion) ? -INFINITY : s;
+  if (lane == 0) part[tid / 32] = s;
+  __syncthreads();
+  if (tid == 0) {
+    float v = 0.f;
+#pragma unroll
+    for (int i = 0; i < LOGIT_WARPS; ++i) v += part[i];
+    logits[(size_t)t * a.E + e] = (a.n_fusion && !a.fusion_ok[t] && e >= a.E - a.n_fusion) ? -INFINITY : v;
+  }
 }
 
 // (value, expert) order of the top-k: larger value first, then the lower expert id.
@@ -149,16 +169,44 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return s;
 }
 
-// RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors.
+// The two values as one 32-bit word of the activation type, each rounded once.
 template <bool BF16>
-__global__ void __launch_bounds__(256) rmsnorm_kernel(const void* x_, const void* w_, void* out_, int H, float eps) {
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   using A = Act<BF16>;
-  using T = typename A::T;
+  const typename A::T l = A::t(lo), h = A::t(hi);
+  return (uint32_t)reinterpret_cast<const uint16_t&>(l) | ((uint32_t)reinterpret_cast<const uint16_t&>(h) << 16);
+}
+
+// RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors. With a
+// residual `res`, x is first replaced by x + res rounded to the activation type (torch's add), in
+// place, and that sum is normed: the residual add before a norm in one launch.
+template <bool BF16>
+__global__ void __launch_bounds__(256) rmsnorm_kernel(void* x_, const void* res_, const void* w_, void* out_, int H,
+                                                      float eps) {
   __shared__ float scratch[8];
   const int t = blockIdx.x;
-  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(x_) + (size_t)t * H);
+  uint4* x = reinterpret_cast<uint4*>(static_cast<uint16_t*>(x_) + (size_t)t * H);
   float ss = 0.f;
-  for (int i = threadIdx.x; i < H / 8; i += blockDim.x) ss += dot8(x[i], x[i], BF16);
+  if (res_) {
+    const uint4* res = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(res_) + (size_t)t * H);
+    for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
+      const uint4 xv = x[i], rv = res[i];
+      const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w}, rs[4] = {rv.x, rv.y, rv.z, rv.w};
+      uint32_t o[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float x0, x1, r0, r1;
+        pair(xs[j], x0, x1, BF16);
+        pair(rs[j], r0, r1, BF16);
+        o[j] = pack2<BF16>(x0 + r0, x1 + r1);
+      }
+      const uint4 sv = make_uint4(o[0], o[1], o[2], o[3]);
+      x[i] = sv;  // this thread reads it back below: no barrier needed
+      ss += dot8(sv, sv, BF16);
+    }
+  } else {
+    for (int i = threadIdx.x; i < H / 8; i += blockDim.x) ss += dot8(x[i], x[i], BF16);
+  }
   const float r = rsqrtf(block_sum(ss, scratch) / H + eps);
   const uint4* w = reinterpret_cast<const uint4*>(w_);
   uint4* out = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out_) + (size_t)t * H);
@@ -171,13 +219,11 @@ __global__ void __launch_bounds__(256) rmsnorm_kernel(const void* x_, const void
       float x0, x1, w0, w1;
       pair(xs[j], x0, x1, BF16);
       pair(ws[j], w0, w1, BF16);
-      const T lo = A::t(x0 * r * w0), hi = A::t(x1 * r * w1);
-      o[j] = (uint32_t)reinterpret_cast<const uint16_t&>(lo) | ((uint32_t)reinterpret_cast<const uint16_t&>(hi) << 16);
+      o[j] = pack2<BF16>(x0 * r * w0, x1 * r * w1);
     }
     out[i] = make_uint4(o[0], o[1], o[2], o[3]);
   }
 }
-
 
 template <bool BF16>
 __global__ void rope_qkv_kernel(m3e_rope_args a) {
@@ -224,7 +270,7 @@ extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
   if ((reinterpret_cast<uintptr_t>(a->x) | reinterpret_cast<uintptr_t>(a->routers)) & 15) return M3E_ERR_ALIGN;
   auto s = static_cast<cudaStream_t>(stream);
   constexpr int W = m3e::ops::LOGIT_WARPS;
-  dim3 grid((a->E + W - 1) / W, a->T);
+  const dim3 grid(a->E, a->T);
   if (a->act_bf16) {
     m3e::ops::route_logits_kernel<true><<<grid, 32 * W, 0, s>>>(*a, a->logits);
     m3e::ops::route_select_kernel<true><<<a->T, 32, 0, s>>>(*a, a->logits);
@@ -235,17 +281,18 @@ extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
   return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 
-extern "C" int m3e_rmsnorm(const void* x, const void* w, void* out, int T, int H, float eps, int act_bf16,
+extern "C" int m3e_rmsnorm(void* x, const void* res, const void* w, void* out, int T, int H, float eps, int act_bf16,
                            void* stream) {
   if (!x || !w || !out) return M3E_ERR_ARG;
   if (T < 1 || H < 8 || H % 8) return M3E_ERR_SHAPE;
-  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15)
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(res) | reinterpret_cast<uintptr_t>(w) |
+       reinterpret_cast<uintptr_t>(out)) & 15)
     return M3E_ERR_ALIGN;
   auto s = static_cast<cudaStream_t>(stream);
   if (act_bf16)
-    m3e::ops::rmsnorm_kernel<true><<<T, 256, 0, s>>>(x, w, out, H, eps);
+    m3e::ops::rmsnorm_kernel<true><<<T, 256, 0, s>>>(x, res, w, out, H, eps);
   else
-    m3e::ops::rmsnorm_kernel<false><<<T, 256, 0, s>>>(x, w, out, H, eps);
+    m3e::ops::rmsnorm_kernel<false><<<T, 256, 0, s>>>(x, res, w, out, H, eps);
   return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 

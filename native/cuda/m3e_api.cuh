@@ -105,6 +105,7 @@ typedef struct {
   int act_bf16, scale_bf16, out_f32, ids_i64, weights_f32;
   int ns_gu, ns_dn;          // slabs per CTA of each launch as given to m3e_moe_plan (0 = its choice)
   int mma_rows;              // kernel choice as given to m3e_moe_plan (0 = its choice)
+  const void* residual;      // [T, H] x's type, added to out (a layer's residual stream), or NULL
 } m3e_moe_args;
 
 typedef struct {
@@ -150,8 +151,11 @@ typedef struct {
 int m3e_route(const m3e_route_args* args, void* stream);
 
 // RMSNorm of T rows of H (a multiple of 8; pointers 16-byte aligned), F.rms_norm's arithmetic: fp32
-// throughout, out = x * rsqrt(mean(x^2) + eps) * w rounded once. x, w, out of one type (act_bf16).
-int m3e_rmsnorm(const void* x, const void* w, void* out, int T, int H, float eps, int act_bf16, void* stream);
+// throughout, out = x * rsqrt(mean(x^2) + eps) * w rounded once. x, res, w, out of one type (act_bf16).
+// With res (else NULL), x is first replaced in place by x + res rounded to that type (a residual add),
+// and the sum is normed.
+int m3e_rmsnorm(void* x, const void* res, const void* w, void* out, int T, int H, float eps, int act_bf16,
+                void* stream);
 
 // The q/k/v epilogue of attention for batch 1 in one launch, one CTA per (head, token): q and k
 // RMS-normed over head_dim (q_norm / k_norm weights, or none), rotated (NeoX rotate_half RoPE with

@@ -270,7 +270,7 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
     return rc;
   for (const void* q : {a->x, (const void*)a->w_gu, (const void*)a->s_gu, (const void*)a->mn_gu, (const void*)a->zp_gu,
                         (const void*)a->w_dn, (const void*)a->s_dn, (const void*)a->mn_dn, (const void*)a->zp_dn,
-                        (const void*)a->out, (const void*)a->inter, (const void*)a->tiles})
+                        (const void*)a->out, (const void*)a->inter, (const void*)a->tiles, a->residual})
     if (misaligned(q)) return M3E_ERR_ALIGN;
   const int gshift = group_shift(a->group), n = a->T * a->topk;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -293,6 +293,7 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.moe_rw = a->weights;
   p.rw_f32 = a->weights_f32;
   p.topk = a->topk;
+  p.moe_res = static_cast<const uint16_t*>(a->residual);
   if (tile) return moe_tile_launches(*a, p, plan, gshift, s);
   // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
   // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)

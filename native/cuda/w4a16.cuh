@@ -86,6 +86,7 @@ struct Params {
   const int* moe_rows;
   const int4* moe_tiles;
   const void* moe_rw;
+  const uint16_t* moe_res;  // [T][N] in the activations' type, added to down's output, or null
   int topk, rw_f32;
 };
 
@@ -143,7 +144,7 @@ __device__ __forceinline__ void moe_gate_up_store(const Params& p, int rows, int
 // down: each pair's routing-weighted output goes to its slot row of the workspace [T topk][N]
 // (fp32); the CTA that brings a token's arrival count (per token and N tile: ntiles of them per
 // token) to topk sums the token's slots in slot order: deterministic, one launch (the fence pattern
-// of the split-K fixup). s_token: `rows` ints of shared memory.
+// of the split-K fixup), plus the residual row when there is one. s_token: `rows` ints of shared memory.
 template <bool BF16, int NTHR, typename Pair, typename Val>
 __device__ __forceinline__ void moe_down_store(const Params& p, int rows, int n0, int ncols, int ntile, int ntiles,
                                                Pair pair, Val val, int* s_token) {
@@ -169,7 +170,8 @@ __device__ __forceinline__ void moe_down_store(const Params& p, int rows, int n0
     const float* src = p.ws + (size_t)t * p.topk * p.N + n0 + c;
     float v = 0.f;
     for (int j = 0; j < p.topk; ++j) v += __ldcg(src + (size_t)j * p.N);
-    store<BF16>(p, (size_t)t * p.N + n0 + c, v);
+    const size_t o = (size_t)t * p.N + n0 + c;
+    store<BF16>(p, o, p.moe_res ? v + bits_to_float(p.moe_res[o], BF16) : v);
   }
 }
 
