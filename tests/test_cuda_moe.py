@@ -332,6 +332,28 @@ def test_moe_ids_of_no_expert_add_nothing(ext, mma_rows):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("i64", [False, True], ids=["int32", "int64"])
+def test_moe_one_token_without_grouping(ext, i64):
+    """One token: no grouping launch, each CTA reads its pair's expert from the ids (moe.cu); an id
+    of no expert adds nothing there too, and the call after it (counters back at zero, one expert in
+    two slots) is right."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    act = torch.bfloat16
+    gate, up, down, scheme = _experts(8, 256, 128, 32, "zp", act, seed, device="cuda")
+    ex = native.repack_experts(gate, up, down, scheme)
+    g = torch.Generator("cuda").manual_seed(seed + 1)
+    x = torch.randn(1, 256, generator=g, device="cuda").to(act)
+    ids, w = _routing(1, 8, 4, -1, act, i64, True, g)
+    _check(ex, x, ids, w, gate, up, down, scheme, act, f"one token seed={seed}")
+    ids[0, 2] = -1
+    ids[0, 0] = 8
+    _check(ex, x, ids, w, gate, up, down, scheme, act, f"one token, ids of no expert seed={seed}")
+    ids[0, 2], ids[0, 0] = 3, 3  # one expert twice: two slots of its output
+    _check(ex, x, ids, w, gate, up, down, scheme, act, f"one token, the call after seed={seed}")
+
+
+@gpu
+@needs_cuda
 def test_moe_errors_name_shapes_on_gpu(ext):
     gate, up, down, scheme = _experts(4, 128, 64, 32, "sym", torch.float16, 1, device="cuda")
     ex = native.repack_experts(gate, up, down, scheme)

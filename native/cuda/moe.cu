@@ -3,6 +3,8 @@
 //
 //   ids [T, topk] --group--> rows: pairs t topk + j sorted by expert (stable), tiles: per expert
 //                            ceil(count / MR) tiles of <= MR consecutive entries, zero-row tiles after
+//                            (one token: no grouping launch; CTA column j is pair j, its expert read
+//                            from the ids by the decode kernel)
 //   x [T, H] --gate+up--> inter [T topk, I] = silu(x[t] Wg_e^T) * (x[t] Wu_e^T)    (grid: tiles x 2I/16ns)
 //   inter  --down--> slots [T topk, H] = w[t, j] inter Wd_e^T; a token's last slot to arrive writes
 //                    out[t] = sum_j slots[t topk + j] in slot order                  (grid: tiles x H/16ns)
@@ -277,15 +279,20 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   const bool tile = plan.mma_rows > 0;
   const int gy_gu = 2 * a->I / (16 * plan.ns_gu), gy_dn = tile ? (a->H + NT - 1) / NT : a->H / (16 * plan.ns_dn);
 
+  // one token: every pair is its own tile of one row (what the grouping would make, in pair order),
+  // so the decode kernel reads each CTA's expert from the ids and the grouping launch is skipped
+  const bool direct = !tile && a->T == 1;
   const int staged = n <= GROUP_STAGE_MAX;  // with E <= 1024: at most 56 KB, under the 64 KB asked for once
   static bool group_opted[64] = {};
   if (int rc = opt_in_smem(moe_group_kernel, (6 * 1024 + GROUP_STAGE_MAX) * (int)sizeof(int), group_opted);
       rc != M3E_OK)
     return rc;
-  moe_group_kernel<<<1, GROUP_THREADS, (6 * a->E + (staged ? n : 0)) * sizeof(int), s>>>(
-      a->ids, a->ids_i64, n, a->topk, a->E, plan.mr_gu, plan.tiles_gu, plan.mr_dn, plan.tiles_dn, a->H, gy_dn, a->rows,
-      reinterpret_cast<int4*>(a->tiles), a->slots, a->counters, staged);
-  if (cudaGetLastError() != cudaSuccess) return M3E_ERR_CUDA;
+  if (!direct) {
+    moe_group_kernel<<<1, GROUP_THREADS, (6 * a->E + (staged ? n : 0)) * sizeof(int), s>>>(
+        a->ids, a->ids_i64, n, a->topk, a->E, plan.mr_gu, plan.tiles_gu, plan.mr_dn, plan.tiles_dn, a->H, gy_dn,
+        a->rows, reinterpret_cast<int4*>(a->tiles), a->slots, a->counters, staged);
+    if (cudaGetLastError() != cudaSuccess) return M3E_ERR_CUDA;
+  }
 
   Params p = {};
   p.scale_bf16 = a->scale_bf16;
@@ -294,6 +301,9 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.rw_f32 = a->weights_f32;
   p.topk = a->topk;
   p.moe_res = static_cast<const uint16_t*>(a->residual);
+  p.moe_ids = a->ids;
+  p.ids_i64 = a->ids_i64;
+  p.moe_E = a->E;
   if (tile) return moe_tile_launches(*a, p, plan, gshift, s);
   // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
   // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)
@@ -317,8 +327,8 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.zp = a->zp_gu;
   p.out = static_cast<uint16_t*>(a->inter);
   p.out_f32 = 0;
-  p.moe_tiles = reinterpret_cast<const int4*>(a->tiles);
-  if (int rc = launch(EPI_GATE_UP, dim3(plan.tiles_gu, gy_gu), smem); rc != M3E_OK) return rc;
+  p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles);
+  if (int rc = launch(EPI_GATE_UP, dim3(direct ? n : plan.tiles_gu, gy_gu), smem); rc != M3E_OK) return rc;
 
   // down: the intermediate's rows, weighted slot outputs, summed per token by its last slot
   if (int rc = moe_params(p, a->H, a->I, plan.ns_dn, plan.mr_dn, gshift, has_min, has_zp, &smem); rc != M3E_OK)
@@ -332,6 +342,6 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.out_f32 = a->out_f32;
   p.ws = a->slots;
   p.cnt = a->counters;
-  p.moe_tiles = reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;
-  return launch(EPI_DOWN, dim3(plan.tiles_dn, gy_dn), smem);
+  p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;
+  return launch(EPI_DOWN, dim3(direct ? n : plan.tiles_dn, gy_dn), smem);
 }

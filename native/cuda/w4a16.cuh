@@ -87,6 +87,10 @@ struct Params {
   const int4* moe_tiles;
   const void* moe_rw;
   const uint16_t* moe_res;  // [T][N] in the activations' type, added to down's output, or null
+  // no tile list (moe_tiles null; decode kernel, one token): CTA column i is pair i, its expert read
+  // from the ids [T topk] (int64 when ids_i64); an id outside [0, moe_E) is a zero slot
+  const void* moe_ids;
+  int ids_i64, moe_E;
   int topk, rw_f32;
 };
 

@@ -76,7 +76,8 @@ struct DecodeSmem {
 // BF16: activation dtype. AFFINE: w = u s + m with u = q + 8 in [0, 15]: the float-minimum form, and
 // the zero-point form with m = -s (z + 8); one more mma per step with A = ones gives sum_k x (as in
 // the tile kernel), and m sum_k x is added per half block. 2 CTAs per SM: 64 registers (48 / 64 used).
-// EPI: the epilogue (Epilogue); the MoE ones read their rows and expert from the tile list.
+// EPI: the epilogue (Epilogue); the MoE ones read their rows and expert from the tile list (or, with
+// none, their one pair's expert from the ids).
 template <bool BF16, bool AFFINE, int EPI>
 __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -96,14 +97,33 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     pdl_launch_dependents();
   }
   if constexpr (MOE) {
-    const int4 t = p.moe_tiles[blockIdx.x];
-    if (t.z == 0) return;  // past the last tile (the grid is sized for the worst case)
-    expert = t.x;
-    row0 = t.y;
-    rows = t.z;
+    if (p.moe_tiles) {
+      const int4 t = p.moe_tiles[blockIdx.x];
+      if (t.z == 0) return;  // past the last tile (the grid is sized for the worst case)
+      expert = t.x;
+      row0 = t.y;
+      rows = t.z;
+    } else {  // one pair per CTA column, no grouping launch (moe.cu: one token)
+      const long long id = p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[blockIdx.x]
+                                     : static_cast<const int*>(p.moe_ids)[blockIdx.x];
+      row0 = blockIdx.x;
+      rows = 1;
+      expert = id >= 0 && id < p.moe_E ? (int)id : -1;
+    }
   }
   const int ntile = MOE ? blockIdx.y : blockIdx.x;
   const int slab0 = ntile * ns, kb_lo = MOE ? 0 : blockIdx.y * cps;
+  // the r-th pair of a MoE tile: the grouped list's entry, or the CTA's own pair
+  auto pair_of = [&](int r) { return p.moe_tiles ? p.moe_rows[row0 + r] : row0 + r; };
+  if (MOE && expert < 0) {  // an id of no expert: nothing to compute; down counts its zero slot as arrived
+    if constexpr (EPI == EPI_DOWN) {
+      __shared__ int s_tok;
+      pdl_wait();  // the slots and counters of the launch before are settled
+      moe_down_store<BF16, DTHREADS>(p, 1, slab0 * 16, 16 * ns, ntile, gridDim.y, pair_of,
+                                     [](int, int) { return 0.f; }, &s_tok);
+    }
+    return;
+  }
   // the expert's weights: [E][N/16][K/64][32] uint4, scales / minimums / zero points [E][N/16][G][16]
   const uint4* pw = p.w + (size_t)expert * (p.N / 16) * (K / 64) * 32;
   const size_t meta_e = (size_t)expert * p.N * p.G;
@@ -111,7 +131,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // row of the intermediate
   auto xrow = [&](int r) -> const uint16_t* {
     if constexpr (MOE) {
-      const int pr = p.moe_rows[row0 + r];
+      const int pr = pair_of(r);
       return p.x + (size_t)(EPI == EPI_GATE_UP ? pr / p.topk : pr) * K;
     } else {
       return p.x + (size_t)r * K;
@@ -290,12 +310,11 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
 
   if constexpr (MOE) {
     __shared__ int s_token[DECODE_MAX_M];
-    auto pair = [&](int m) { return p.moe_rows[row0 + m]; };
     auto val = [&](int m, int c) { return reduced(c >> 4, c & 15, m); };
     if constexpr (EPI == EPI_GATE_UP)
-      moe_gate_up_store<BF16, DTHREADS>(p, rows, n0, nrow, pair, val);
+      moe_gate_up_store<BF16, DTHREADS>(p, rows, n0, nrow, pair_of, val);
     else
-      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, gridDim.y, pair, val, s_token);
+      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, gridDim.y, pair_of, val, s_token);
     return;
   }
 
