@@ -378,8 +378,11 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
              " must start 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor logits = at::empty({T, E}, x.options().dtype(at::kFloat));
+  const int dev = x.device().index();
+  ensure_workspace(dev, 0, (int)T, x.options());  // the per-token arrival counters (kernels leave them 0)
   m3e_route_args a;
   a.logits = logits.data_ptr<float>();
+  a.counters = g_ws[dev].cnt.data_ptr<int>();
   a.x = x.data_ptr();
   a.routers = routers.data_ptr();
   a.modality = modality.data_ptr<int64_t>();

@@ -53,60 +53,19 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, bool bf16) {
   return s;
 }
 
-// Router logits: grid (E, T), one CTA of LOGIT_WARPS warps per (expert, token) splitting H, every
-// thread's 16-byte loads of x and the router row issued before the first is used, the warps'
-// partial sums added in warp order. One warp per expert (all of H: 16 dependent rounds of 2 KB at
-// H = 4096) took 6.9 us for E = 48 on the H100 whether two or eight shared a CTA (NOTES.md R4).
-constexpr int LOGIT_WARPS = 4;
-constexpr int LOGIT_ILP = 4;  // loads in flight per thread
-
-template <bool BF16>
-__global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_route_args a, float* logits) {
-  __shared__ float part[LOGIT_WARPS];
-  const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
-  constexpr int NT = 32 * LOGIT_WARPS;
-  const int64_t m = a.modality[t];
-  float s = 0.f;
-  if (m >= 0 && m < a.R) {
-    const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
-    const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H);
-    const int n = a.H / 8;
-    for (int i0 = tid; i0 < n; i0 += NT * LOGIT_ILP) {
-      uint4 xv[LOGIT_ILP], wv[LOGIT_ILP];
-#pragma unroll
-      for (int u = 0; u < LOGIT_ILP; ++u) {
-        const int i = i0 + u * NT;
-        xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
-        wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < LOGIT_ILP; ++u) s += dot8(xv[u], wv[u], BF16);
-    }
-    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  }
-  if (lane == 0) part[tid / 32] = s;
-  __syncthreads();
-  if (tid == 0) {
-    float v = 0.f;
-#pragma unroll
-    for (int i = 0; i < LOGIT_WARPS; ++i) v += part[i];
-    logits[(size_t)t * a.E + e] = (a.n_fusion && !a.fusion_ok[t] && e >= a.E - a.n_fusion) ? -INFINITY : v;
-  }
-}
-
 // (value, expert) order of the top-k: larger value first, then the lower expert id.
 __device__ __forceinline__ bool better(float v, int e, float bv, int be) { return v > bv || (v == bv && e < be); }
 
-// Top k of one token's logits by one warp (8 experts a lane), softmax, weights, ids.
+// Top k of token t's logits by one warp (8 experts a lane), softmax, weights, ids. The logits were
+// written by other CTAs of the launch: read through L2.
 template <bool BF16>
-__global__ void __launch_bounds__(32) route_select_kernel(m3e_route_args a, const float* logits) {
+__device__ void route_select(const m3e_route_args& a, const float* logits, int t, int lane) {
   using A = Act<BF16>;
-  const int t = blockIdx.x, lane = threadIdx.x;
   float v[8];
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
     const int e = lane + 32 * r;
-    v[r] = e < a.E ? logits[(size_t)t * a.E + e] : -INFINITY;
+    v[r] = e < a.E ? __ldcg(logits + (size_t)t * a.E + e) : -INFINITY;
   }
   float mx = -INFINITY, den = 0.f;
   if (!a.norm_topk) {  // softmax over all experts, then the top k of it
@@ -167,6 +126,55 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   float s = 0.f;
   for (int i = 0; i < n_warps; ++i) s += scratch[i];
   return s;
+}
+
+// Router logits: grid (E, T), one CTA of LOGIT_WARPS warps per (expert, token) splitting H, every
+// thread's 16-byte loads of x and the router row issued before the first is used, the warps'
+// partial sums added in warp order. One warp per expert (all of H: 16 dependent rounds of 2 KB at
+// H = 4096) took 6.9 us for E = 48 on the H100 whether two or eight shared a CTA (NOTES.md R4).
+constexpr int LOGIT_WARPS = 4;
+constexpr int LOGIT_ILP = 4;  // loads in flight per thread
+
+template <bool BF16>
+__global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_route_args a, float* logits) {
+  __shared__ float part[LOGIT_WARPS];
+  const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
+  constexpr int NT = 32 * LOGIT_WARPS;
+  const int64_t m = a.modality[t];
+  float s = 0.f;
+  if (m >= 0 && m < a.R) {
+    const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
+    const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H);
+    const int n = a.H / 8;
+    for (int i0 = tid; i0 < n; i0 += NT * LOGIT_ILP) {
+      uint4 xv[LOGIT_ILP], wv[LOGIT_ILP];
+#pragma unroll
+      for (int u = 0; u < LOGIT_ILP; ++u) {
+        const int i = i0 + u * NT;
+        xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
+        wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < LOGIT_ILP; ++u) s += dot8(xv[u], wv[u], BF16);
+    }
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  }
+  if (lane == 0) part[tid / 32] = s;
+  __syncthreads();
+  __shared__ int s_last;
+  if (tid == 0) {
+    float v = 0.f;
+#pragma unroll
+    for (int i = 0; i < LOGIT_WARPS; ++i) v += part[i];
+    logits[(size_t)t * a.E + e] = (a.n_fusion && !a.fusion_ok[t] && e >= a.E - a.n_fusion) ? -INFINITY : v;
+    // the token's last CTA to arrive selects (the split-K fixup's fence pattern), and zeroes the counter
+    __threadfence();
+    s_last = atomicAdd(a.counters + t, 1) == a.E - 1;
+    if (s_last) a.counters[t] = 0;
+    __threadfence();
+  }
+  __syncthreads();
+  if (s_last && tid < 32) route_select<BF16>(a, logits, t, lane);
 }
 
 // The two values as one 32-bit word of the activation type, each rounded once.
@@ -262,7 +270,8 @@ __global__ void rope_qkv_kernel(m3e_rope_args a) {
 }  // namespace m3e
 
 extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
-  if (!a || !a->x || !a->routers || !a->modality || !a->fusion_ok || !a->ids || !a->weights || !a->logits)
+  if (!a || !a->x || !a->routers || !a->modality || !a->fusion_ok || !a->ids || !a->weights || !a->logits ||
+      !a->counters)
     return M3E_ERR_ARG;
   if (a->T < 1 || a->H < 8 || a->H % 8 || a->E < 1 || a->E > m3e::ops::MAX_EXPERTS || a->R < 1 || a->k < 1 ||
       a->k > m3e::ops::MAX_TOPK || a->k > a->E || a->n_fusion < 0 || a->n_fusion >= a->E)
@@ -273,10 +282,8 @@ extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
   const dim3 grid(a->E, a->T);
   if (a->act_bf16) {
     m3e::ops::route_logits_kernel<true><<<grid, 32 * W, 0, s>>>(*a, a->logits);
-    m3e::ops::route_select_kernel<true><<<a->T, 32, 0, s>>>(*a, a->logits);
   } else {
     m3e::ops::route_logits_kernel<false><<<grid, 32 * W, 0, s>>>(*a, a->logits);
-    m3e::ops::route_select_kernel<false><<<a->T, 32, 0, s>>>(*a, a->logits);
   }
   return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }

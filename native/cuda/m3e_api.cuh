@@ -129,10 +129,10 @@ int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, in
 
 int m3e_moe_w4a16(const m3e_moe_args* args, void* stream);
 
-// MoE routing (native/cuda/decode_ops.cu) in two launches: the logits (a warp per token and expert:
+// MoE routing (native/cuda/decode_ops.cu) in one launch: the logits (a CTA per token and expert:
 // the token's modality picks its router; x and the router's bf16/fp16 values, products summed in
-// fp32; the fusion experts, the last n_fusion, masked where fusion_ok is 0), then a warp per token
-// picks the top k (ties to the
+// fp32; the fusion experts, the last n_fusion, masked where fusion_ok is 0), then the token's last
+// CTA to finish picks the top k with one warp (ties to the
 // lower expert id) with softmax over those k (norm_topk) or over all E, times `scale`, rounded to the
 // activations' type (as the reference's weights are) and stored as fp32. extra_id >= 0 appends one
 // more slot per token, that id with weight 1 (the shared expert run as expert E of the stack).
@@ -144,6 +144,7 @@ typedef struct {
   int* ids;                    // [T, k + (extra_id >= 0)] int32
   float* weights;              // same shape, fp32
   float* logits;               // [T, E] fp32 scratch
+  int* counters;               // [T], zero before the call (left zero)
   int T, H, E, R, k, n_fusion, norm_topk, extra_id, act_bf16;  // H a multiple of 8, x and routers 16-byte aligned
   float scale;
 } m3e_route_args;
