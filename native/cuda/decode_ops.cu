@@ -7,6 +7,7 @@
 #include <math.h>
 
 #include "m3e_api.cuh"
+#include "ptx.cuh"
 
 namespace m3e {
 namespace ops {
@@ -138,6 +139,8 @@ constexpr int LOGIT_ILP = 4;  // loads in flight per thread
 template <bool BF16>
 __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_route_args a, float* logits) {
   __shared__ float part[LOGIT_WARPS];
+  pdl_launch_dependents();  // sm_90 dependents (the MoE's first launch) may start; they wait for this grid
+  pdl_wait();               // launched as a dependent: x is the kernel before's output
   const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
   constexpr int NT = 32 * LOGIT_WARPS;
   const int64_t m = a.modality[t];
@@ -192,6 +195,8 @@ template <bool BF16>
 __global__ void __launch_bounds__(256) rmsnorm_kernel(void* x_, const void* res_, const void* w_, void* out_, int H,
                                                       float eps) {
   __shared__ float scratch[8];
+  pdl_launch_dependents();  // the next GEMM may start streaming its weights (it waits for this grid)
+  pdl_wait();
   const int t = blockIdx.x;
   uint4* x = reinterpret_cast<uint4*>(static_cast<uint16_t*>(x_) + (size_t)t * H);
   float ss = 0.f;
@@ -240,6 +245,8 @@ __global__ void rope_qkv_kernel(m3e_rope_args a) {
   __shared__ float rotated[512];  // [D] normed values, for rotate_half's partner
   __shared__ float scratch[16];
   const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x, D = a.D, half = D / 2;
+  pdl_launch_dependents();
+  pdl_wait();
   const T* row = static_cast<const T*>(a.qkv) + (size_t)t * (a.nh + 2 * a.nkv) * D;
   const int slot = (a.pos_dev ? (int)a.pos_dev[0] : a.pos0) + t;
   if (h >= a.nh + a.nkv) {  // a v head: straight into the cache
@@ -278,14 +285,15 @@ extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
     return M3E_ERR_SHAPE;
   if ((reinterpret_cast<uintptr_t>(a->x) | reinterpret_cast<uintptr_t>(a->routers)) & 15) return M3E_ERR_ALIGN;
   auto s = static_cast<cudaStream_t>(stream);
+  const int pdl = m3e::pdl_capable();
+  if (pdl < 0) return M3E_ERR_CUDA;
   constexpr int W = m3e::ops::LOGIT_WARPS;
   const dim3 grid(a->E, a->T);
-  if (a->act_bf16) {
-    m3e::ops::route_logits_kernel<true><<<grid, 32 * W, 0, s>>>(*a, a->logits);
-  } else {
-    m3e::ops::route_logits_kernel<false><<<grid, 32 * W, 0, s>>>(*a, a->logits);
-  }
-  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+  const cudaError_t e =
+      a->act_bf16
+          ? m3e::launch_kernel(m3e::ops::route_logits_kernel<true>, grid, dim3(32 * W), 0, s, pdl == 1, *a, a->logits)
+          : m3e::launch_kernel(m3e::ops::route_logits_kernel<false>, grid, dim3(32 * W), 0, s, pdl == 1, *a, a->logits);
+  return e == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 
 extern "C" int m3e_rmsnorm(void* x, const void* res, const void* w, void* out, int T, int H, float eps, int act_bf16,
@@ -296,11 +304,13 @@ extern "C" int m3e_rmsnorm(void* x, const void* res, const void* w, void* out, i
        reinterpret_cast<uintptr_t>(out)) & 15)
     return M3E_ERR_ALIGN;
   auto s = static_cast<cudaStream_t>(stream);
-  if (act_bf16)
-    m3e::ops::rmsnorm_kernel<true><<<T, 256, 0, s>>>(x, res, w, out, H, eps);
-  else
-    m3e::ops::rmsnorm_kernel<false><<<T, 256, 0, s>>>(x, res, w, out, H, eps);
-  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+  const int pdl = m3e::pdl_capable();
+  if (pdl < 0) return M3E_ERR_CUDA;
+  const cudaError_t e =
+      act_bf16 ? m3e::launch_kernel(m3e::ops::rmsnorm_kernel<true>, dim3(T), dim3(256), 0, s, pdl == 1, x, res, w, out, H, eps)
+               : m3e::launch_kernel(m3e::ops::rmsnorm_kernel<false>, dim3(T), dim3(256), 0, s, pdl == 1, x, res, w, out, H,
+                                    eps);
+  return e == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 
 extern "C" int m3e_rope_qkv(const m3e_rope_args* a, void* stream) {
@@ -308,9 +318,10 @@ extern "C" int m3e_rope_qkv(const m3e_rope_args* a, void* stream) {
   if (a->T < 1 || a->nh < 1 || a->nkv < 1 || a->D < 32 || a->D % 32 || a->D > 512 || a->cap < 1) return M3E_ERR_SHAPE;
   dim3 grid(a->nh + 2 * a->nkv, a->T);
   auto s = static_cast<cudaStream_t>(stream);
-  if (a->act_bf16)
-    m3e::ops::rope_qkv_kernel<true><<<grid, a->D, 0, s>>>(*a);
-  else
-    m3e::ops::rope_qkv_kernel<false><<<grid, a->D, 0, s>>>(*a);
-  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+  const int pdl = m3e::pdl_capable();
+  if (pdl < 0) return M3E_ERR_CUDA;
+  const cudaError_t e = a->act_bf16
+                            ? m3e::launch_kernel(m3e::ops::rope_qkv_kernel<true>, grid, dim3(a->D), 0, s, pdl == 1, *a)
+                            : m3e::launch_kernel(m3e::ops::rope_qkv_kernel<false>, grid, dim3(a->D), 0, s, pdl == 1, *a);
+  return e == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }

@@ -307,11 +307,8 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   if (tile) return moe_tile_launches(*a, p, plan, gshift, s);
   // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
   // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return M3E_ERR_CUDA;
-  const bool pdl = major >= 9;
+  const int pdl = m3e::pdl_capable();
+  if (pdl < 0) return M3E_ERR_CUDA;
   auto launch = [&](int epi, dim3 grid, int smem) {
     return a->act_bf16 ? launch_moe_bf16(p, epi, grid, smem, s, pdl) : launch_moe_f16(p, epi, grid, smem, s, pdl);
   };

@@ -1,5 +1,6 @@
 // PTX helpers shared by the kernels. Everything here exists on sm_80 and later (the consumer
-// targets sm_80/86/89 and the H100's sm_90); nothing Hopper-only.
+// targets sm_80/86/89 and the H100's sm_90); the programmatic dependent launch (sm_90) compiles to
+// nothing below sm_90 and is only requested where the device has it.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -123,6 +124,41 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+// Host side: whether the current device takes programmatic dependent launches (sm_90 and later),
+// asked once per device; -1 when the CUDA calls fail.
+inline int pdl_capable() {
+  static int known[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return -1;
+  if (dev < 64 && known[dev]) return known[dev] == 2;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return -1;
+  if (dev < 64) known[dev] = major >= 9 ? 2 : 1;
+  return major >= 9;
+}
+
+// Launch `kern` on `stream`, as a programmatic dependent of the stream's previous kernel when pdl
+// (the kernel must call pdl_wait before reading what earlier launches wrote, and before it ends).
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kern)(P...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+                          A&&... args) {
+  if (!pdl) {
+    kern<<<grid, block, smem, stream>>>(static_cast<P>(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  if (cudaError_t e = cudaLaunchKernelEx(&cfg, kern, static_cast<P>(args)...); e != cudaSuccess) return e;
+  return cudaGetLastError();
 }
 
 // 16-bit float bits -> float.

@@ -117,7 +117,7 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   if ((nch + cps - 1) / cps != a->splits) return M3E_ERR_ARG;  // not the plan's count: a slice would be empty
   if (a->splits > 1 && (!a->workspace || !a->counters)) return M3E_ERR_WORKSPACE;
 
-  Params p;
+  Params p = {};
   p.x = static_cast<const uint16_t*>(a->x);
   p.w = reinterpret_cast<const uint4*>(a->w);
   p.s = a->scales;
@@ -139,6 +139,9 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool has_min = a->mins != nullptr;
   if (decode) {
+    const int pdl = m3e::pdl_capable();
+    if (pdl < 0) return M3E_ERR_CUDA;
+    p.pdl = pdl;
     const DecodeSmem L(a->M, a->n_tile / 16, cps, gshift, a->G, has_min, a->zeros != nullptr);
     if (L.total > DECODE_SMEM_MAX) return M3E_ERR_ARG;  // splits not from the plan
     p.ns = a->n_tile / 16;

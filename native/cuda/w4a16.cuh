@@ -76,6 +76,7 @@ struct Params {
   int gmask;   // group - 1; 0x7fffffff per channel, so no group ends inside K
   int scale_bf16, splits, cps;  // cps: K per split, in 128-k chunks (tiles) or 64-k blocks (decode)
   int out_f32;                   // out is fp32 (else the activations' 16-bit type)
+  int pdl;                       // decode GEMM: launched as a programmatic dependent (sm_90)
   // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
   // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
   int ns, wk_shift, xstride, gs, sm_meta, sm_raw_s, sm_raw_2, sm_ring;

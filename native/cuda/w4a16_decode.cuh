@@ -153,7 +153,10 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       for (int c = tid; c < nkb * 8; c += DTHREADS) cp_async16(sb + (r * xstride + c * 8) * 2, xr + c * 8);
     }
   };
-  if constexpr (EPI != EPI_DOWN) stage_x();
+  // The GEMM launched as a programmatic dependent (sm_90: p.pdl) stages x after the wait, as down
+  // does: its CTAs start while the kernel before (the norm) runs and stream their weights meanwhile.
+  const bool late_x = EPI == EPI_DOWN || (EPI == EPI_GEMM && p.pdl);
+  if (!late_x) stage_x();
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)  // 16 scales of a (slab, group): two 16-byte granules
 #pragma unroll 1
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // 3. expand the scales (and minimums) per 32-k half block while the weights are in flight. Down's
   //    x is gate+up's output: with the dependent launch (sm_90) its CTAs get here while gate+up
   //    drains, so x is requested only after the wait, and all groups are awaited (x is the last)
-  if constexpr (EPI == EPI_DOWN) {
+  if (late_x) {
     pdl_wait();
     stage_x();
     cp_async_commit();
@@ -289,6 +292,9 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     }
   }
   cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
+  // the weights are read: the next launch (a dependent on sm_90) may start its CTAs; they wait for
+  // this grid to complete before reading its output
+  if constexpr (EPI != EPI_GATE_UP) pdl_launch_dependents();
 
   // 5. the WK partials of each slab: C fragments through shared memory (x is dead by the barrier),
   //    summed in warp order; output index n fastest so that the stores coalesce
@@ -356,31 +362,17 @@ int launch_decode(const Params& p, dim3 grid, int smem, cudaStream_t stream, boo
   auto kern = w4a16_decode_kernel<BF16, AFFINE, EPI>;
   static bool opted[64] = {};
   if (int rc = opt_in_smem(kern, DECODE_SMEM_MAX, opted); rc != M3E_OK) return rc;
-  if (!pdl) {
-    kern<<<grid, DTHREADS, smem, stream>>>(p);
-  } else {
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(DTHREADS);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kern, p) != cudaSuccess) return M3E_ERR_CUDA;
-  }
-  return cudaGetLastError() == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+  return launch_kernel(kern, grid, dim3(DTHREADS), smem, stream, pdl, p) == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 
+// The GEMM's launches (p.pdl: as a programmatic dependent, sm_90).
 int launch_decode_f16(const Params& p, dim3 grid, int smem, cudaStream_t stream);
 int launch_decode_bf16(const Params& p, dim3 grid, int smem, cudaStream_t stream);
 
 // The instantiations, listed: symmetric or affine (zero point or float minimum), per activation dtype.
-#define M3E_W4A16_DECODE_DISPATCH(BF16)                                    \
-  return p.mn || p.zp ? launch_decode<BF16, true>(p, grid, smem, stream) \
-                      : launch_decode<BF16, false>(p, grid, smem, stream);
+#define M3E_W4A16_DECODE_DISPATCH(BF16)                                                \
+  return p.mn || p.zp ? launch_decode<BF16, true>(p, grid, smem, stream, p.pdl != 0) \
+                      : launch_decode<BF16, false>(p, grid, smem, stream, p.pdl != 0);
 
 }  // namespace w4
 }  // namespace m3e
