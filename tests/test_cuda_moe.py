@@ -164,6 +164,16 @@ def _routing(T, E, k, hot, act, i64, f32, g):
     return ids if i64 else ids.int(), w if f32 else w.to(act)
 
 
+def _case(E, H, I, group, kind, act, T, k, hot=-1, i64=False, f32=True):
+    """A fresh random case on the GPU: (seed, (gate, up, down, scheme), repacked experts, x, ids, w)."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    gate, up, down, scheme = _experts(E, H, I, group, kind, act, seed, device="cuda")
+    g = torch.Generator("cuda").manual_seed(seed + 1)
+    x = torch.randn(T, H, generator=g, device="cuda").to(act)
+    ids, w = _routing(T, E, k, hot, act, i64, f32, g)
+    return seed, (gate, up, down, scheme), native.repack_experts(gate, up, down, scheme), x, ids, w
+
+
 def _check(ex, x, ids, w, gate, up, down, scheme, act, label, **kw):
     ref_r, ref_u = _reference(x, ids, w, gate, up, down, scheme, act)
     errs, outs = [], []
@@ -257,13 +267,8 @@ def test_moe_forced_kernel_and_repeatable(ext, mma_rows, kind, group, act):
     k = 3 of E = 8, expert 2 in every token's first slot: 150 pairs, two 64-row tiles and a partial
     one for it; H = 320 below group 128 so down's last N tile is half empty) agree with the reference;
     the same inputs twice give bit-identical outputs."""
-    seed = int(torch.randint(0, 2**30, ()).item())
-    T, E, k, H, I = 150, 8, 3, 384 if group == 128 else 320, 128
-    gate, up, down, scheme = _experts(E, H, I, group, kind, act, seed, device="cuda")
-    ex = native.repack_experts(gate, up, down, scheme)
-    g = torch.Generator("cuda").manual_seed(seed + 1)
-    x = torch.randn(T, H, generator=g, device="cuda").to(act)
-    ids, w = _routing(T, E, k, 2, act, False, True, g)
+    T, H = 150, 384 if group == 128 else 320
+    seed, (gate, up, down, scheme), ex, x, ids, w = _case(8, H, 128, group, kind, act, T, 3, hot=2)
     _check(ex, x, ids, w, gate, up, down, scheme, act, f"mma_rows={mma_rows} {kind} g{group} {act} seed={seed}",
            mma_rows=mma_rows)
     a = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, H, device="cuda"), mma_rows=mma_rows)
@@ -278,13 +283,8 @@ def test_moe_forced_kernel_and_repeatable(ext, mma_rows, kind, group, act):
 def test_moe_adds_the_residual(ext, T, mma_rows, act):
     """With a residual, the output is residual + the routed sum in fp32 (the same bits as adding it
     after the call with an fp32 output), on both kernels; rounded once into x's type."""
-    seed = int(torch.randint(0, 2**30, ()).item())
-    gate, up, down, scheme = _experts(8, 256, 128, 64, "sym", act, seed, device="cuda")
-    ex = native.repack_experts(gate, up, down, scheme)
-    g = torch.Generator("cuda").manual_seed(seed + 1)
-    x = torch.randn(T, 256, generator=g, device="cuda").to(act)
-    res = torch.randn(T, 256, generator=g, device="cuda").to(act)
-    ids, w = _routing(T, 8, 3, -1, act, True, True, g)
+    seed, _, ex, x, ids, w = _case(8, 256, 128, 64, "sym", act, T, 3, i64=True)
+    res = torch.randn(T, 256, device="cuda").to(act)
     plain = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, 256, device="cuda"), mma_rows=mma_rows)
     got = native.moe_w4a16(x, ids, w, ex, out=torch.empty(T, 256, device="cuda"), mma_rows=mma_rows, residual=res)
     assert torch.equal(got, plain + res.float()), f"T={T} mma_rows={mma_rows} seed={seed}"
@@ -314,13 +314,8 @@ def test_moe_plan_picks_the_kernel(ext):
 def test_moe_ids_of_no_expert_add_nothing(ext, mma_rows):
     """Ids outside [0, E) (-1, E) skip their slot; the next call (counters left at zero) is right too;
     on both kernels."""
-    seed = int(torch.randint(0, 2**30, ()).item())
     act = torch.float16
-    gate, up, down, scheme = _experts(6, 128, 64, 32, "sym", act, seed, device="cuda")
-    ex = native.repack_experts(gate, up, down, scheme)
-    g = torch.Generator("cuda").manual_seed(seed + 1)
-    x = torch.randn(5, 128, generator=g, device="cuda").to(act)
-    ids, w = _routing(5, 6, 3, -1, act, True, True, g)
+    seed, (gate, up, down, scheme), ex, x, ids, w = _case(6, 128, 64, 32, "sym", act, 5, 3, i64=True)
     ids[0, 1], ids[2, 0], ids[4, 2] = -1, 6, -1
     _check(ex, x, ids, w, gate, up, down, scheme, act, f"ids of no expert mma_rows={mma_rows} seed={seed}",
            mma_rows=mma_rows)
@@ -337,13 +332,8 @@ def test_moe_one_token_without_grouping(ext, i64):
     """One token: no grouping launch, each CTA reads its pair's expert from the ids (moe.cu); an id
     of no expert adds nothing there too, and the call after it (counters back at zero, one expert in
     two slots) is right."""
-    seed = int(torch.randint(0, 2**30, ()).item())
     act = torch.bfloat16
-    gate, up, down, scheme = _experts(8, 256, 128, 32, "zp", act, seed, device="cuda")
-    ex = native.repack_experts(gate, up, down, scheme)
-    g = torch.Generator("cuda").manual_seed(seed + 1)
-    x = torch.randn(1, 256, generator=g, device="cuda").to(act)
-    ids, w = _routing(1, 8, 4, -1, act, i64, True, g)
+    seed, (gate, up, down, scheme), ex, x, ids, w = _case(8, 256, 128, 32, "zp", act, 1, 4, i64=i64)
     _check(ex, x, ids, w, gate, up, down, scheme, act, f"one token seed={seed}")
     ids[0, 2] = -1
     ids[0, 0] = 8

@@ -188,6 +188,21 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return (uint32_t)reinterpret_cast<const uint16_t&>(l) | ((uint32_t)reinterpret_cast<const uint16_t&>(h) << 16);
 }
 
+// f over the eight element pairs of two 16-byte vectors, in fp32, each result rounded once.
+template <bool BF16, typename F>
+__device__ __forceinline__ uint4 zip8(uint4 a, uint4 b, F f) {
+  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float a0, a1, b0, b1;
+    pair(av[j], a0, a1, BF16);
+    pair(bv[j], b0, b1, BF16);
+    o[j] = pack2<BF16>(f(a0, b0), f(a1, b1));
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors. With a
 // residual `res`, x is first replaced by x + res rounded to the activation type (torch's add), in
 // place, and that sum is normed: the residual add before a norm in one launch.
@@ -203,17 +218,7 @@ __global__ void __launch_bounds__(256) rmsnorm_kernel(void* x_, const void* res_
   if (res_) {
     const uint4* res = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(res_) + (size_t)t * H);
     for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
-      const uint4 xv = x[i], rv = res[i];
-      const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w}, rs[4] = {rv.x, rv.y, rv.z, rv.w};
-      uint32_t o[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float x0, x1, r0, r1;
-        pair(xs[j], x0, x1, BF16);
-        pair(rs[j], r0, r1, BF16);
-        o[j] = pack2<BF16>(x0 + r0, x1 + r1);
-      }
-      const uint4 sv = make_uint4(o[0], o[1], o[2], o[3]);
+      const uint4 sv = zip8<BF16>(x[i], res[i], [](float a, float b) { return a + b; });
       x[i] = sv;  // this thread reads it back below: no barrier needed
       ss += dot8(sv, sv, BF16);
     }
@@ -223,19 +228,8 @@ __global__ void __launch_bounds__(256) rmsnorm_kernel(void* x_, const void* res_
   const float r = rsqrtf(block_sum(ss, scratch) / H + eps);
   const uint4* w = reinterpret_cast<const uint4*>(w_);
   uint4* out = reinterpret_cast<uint4*>(static_cast<uint16_t*>(out_) + (size_t)t * H);
-  for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
-    const uint4 xv = x[i], wv = w[i];
-    const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
-    uint32_t o[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float x0, x1, w0, w1;
-      pair(xs[j], x0, x1, BF16);
-      pair(ws[j], w0, w1, BF16);
-      o[j] = pack2<BF16>(x0 * r * w0, x1 * r * w1);
-    }
-    out[i] = make_uint4(o[0], o[1], o[2], o[3]);
-  }
+  for (int i = threadIdx.x; i < H / 8; i += blockDim.x)
+    out[i] = zip8<BF16>(x[i], w[i], [r](float a, float b) { return a * r * b; });
 }
 
 template <bool BF16>

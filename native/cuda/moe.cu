@@ -217,6 +217,29 @@ static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool 
   return M3E_OK;
 }
 
+// Each launch's operands (both kernels): gate+up reads x and writes the intermediate; down reads it
+// and writes the routing-weighted slots and out.
+static void gate_up_io(Params& p, const m3e_moe_args& a) {
+  p.x = static_cast<const uint16_t*>(a.x);
+  p.w = reinterpret_cast<const uint4*>(a.w_gu);
+  p.s = a.s_gu;
+  p.mn = a.mn_gu;
+  p.zp = a.zp_gu;
+  p.out = static_cast<uint16_t*>(a.inter);
+  p.out_f32 = 0;
+}
+static void down_io(Params& p, const m3e_moe_args& a) {
+  p.x = static_cast<const uint16_t*>(a.inter);
+  p.w = reinterpret_cast<const uint4*>(a.w_dn);
+  p.s = a.s_dn;
+  p.mn = a.mn_dn;
+  p.zp = a.zp_dn;
+  p.out = static_cast<uint16_t*>(a.out);
+  p.out_f32 = a.out_f32;
+  p.ws = a.slots;
+  p.cnt = a.counters;
+}
+
 // The pair's two launches on the mma tile kernel (the grouping has run): grid (N tiles, token tiles),
 // one K slice; gate+up's N is 2I (a multiple of 128: its CTAs hold whole gate/up slab pairs).
 static int moe_tile_launches(const m3e_moe_args& a, Params& p, const m3e_moe_plan_t& plan, int gshift,
@@ -235,24 +258,10 @@ static int moe_tile_launches(const m3e_moe_args& a, Params& p, const m3e_moe_pla
     return a.act_bf16 ? launch_moe_tile_bf16(p, epi, mt, has_min, grid, s)
                       : launch_moe_tile_f16(p, epi, mt, has_min, grid, s);
   };
-  p.x = static_cast<const uint16_t*>(a.x);
-  p.w = reinterpret_cast<const uint4*>(a.w_gu);
-  p.s = a.s_gu;
-  p.mn = a.mn_gu;
-  p.zp = a.zp_gu;
-  p.out = static_cast<uint16_t*>(a.inter);
-  p.out_f32 = 0;
+  gate_up_io(p, a);
   p.moe_tiles = reinterpret_cast<const int4*>(a.tiles);
   if (int rc = launch(EPI_GATE_UP, 2 * a.I, a.H); rc != M3E_OK) return rc;
-  p.x = static_cast<const uint16_t*>(a.inter);
-  p.w = reinterpret_cast<const uint4*>(a.w_dn);
-  p.s = a.s_dn;
-  p.mn = a.mn_dn;
-  p.zp = a.zp_dn;
-  p.out = static_cast<uint16_t*>(a.out);
-  p.out_f32 = a.out_f32;
-  p.ws = a.slots;
-  p.cnt = a.counters;
+  down_io(p, a);
   p.moe_tiles = reinterpret_cast<const int4*>(a.tiles) + plan.tiles_gu;
   return launch(EPI_DOWN, a.H, a.I);
 }
@@ -317,28 +326,14 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   int smem = 0;
   if (int rc = moe_params(p, 2 * a->I, a->H, plan.ns_gu, plan.mr_gu, gshift, has_min, has_zp, &smem); rc != M3E_OK)
     return rc;
-  p.x = static_cast<const uint16_t*>(a->x);
-  p.w = reinterpret_cast<const uint4*>(a->w_gu);
-  p.s = a->s_gu;
-  p.mn = a->mn_gu;
-  p.zp = a->zp_gu;
-  p.out = static_cast<uint16_t*>(a->inter);
-  p.out_f32 = 0;
+  gate_up_io(p, *a);
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles);
   if (int rc = launch(EPI_GATE_UP, dim3(direct ? n : plan.tiles_gu, gy_gu), smem); rc != M3E_OK) return rc;
 
   // down: the intermediate's rows, weighted slot outputs, summed per token by its last slot
   if (int rc = moe_params(p, a->H, a->I, plan.ns_dn, plan.mr_dn, gshift, has_min, has_zp, &smem); rc != M3E_OK)
     return rc;
-  p.x = static_cast<const uint16_t*>(a->inter);
-  p.w = reinterpret_cast<const uint4*>(a->w_dn);
-  p.s = a->s_dn;
-  p.mn = a->mn_dn;
-  p.zp = a->zp_dn;
-  p.out = static_cast<uint16_t*>(a->out);
-  p.out_f32 = a->out_f32;
-  p.ws = a->slots;
-  p.cnt = a->counters;
+  down_io(p, *a);
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;
   return launch(EPI_DOWN, dim3(direct ? n : plan.tiles_dn, gy_dn), smem);
 }
