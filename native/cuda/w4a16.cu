@@ -5,9 +5,11 @@
 namespace m3e {
 namespace w4 {
 
-// Tile of M: the smallest of 8/16/32/64 rows that holds M (decode pays for at most 7 padded rows),
-// 64 for everything larger (prefill walks M in 64-row tiles).
-static int m_tile_of(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
+// Tile of M: the smallest of 8/16/32 rows that holds M (decode pays for at most 7 padded rows), 32-row
+// tiles up to M = 256 (two CTAs an SM where a 64-row tile's registers allow one: M = 64 2-34 %
+// faster, M = 256 faster on 4 of the 6 benchmark shapes, NOTES.md v11), 64 beyond (2-5 % faster at
+// M = 1024).
+static int m_tile_of(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 256 ? 4 : 8; }
 
 }  // namespace w4
 }  // namespace m3e
