@@ -14,8 +14,8 @@ removed when its new one is made.
         ...
         lm_head.safetensors
 
-Each file is written to a temporary name and renamed when complete, so a crash or a full disk leaves
-only whole files (a load after it repacks what is missing). A file that cannot be read is repacked
+Each file is written to a temporary name (per process) and renamed when complete, so a crash, a full
+disk or two loads at once leave only whole files (a load after it repacks what is missing). A file that cannot be read is repacked
 and written again. Where the folder cannot be written, or the disk has less free space than the
 weights need, the load goes on without the cache and says why once on stderr.
 M3EDGE_CACHE_DIR=off turns it off.
@@ -151,7 +151,7 @@ class CachePart:
         """Write the file (to a temporary name, renamed when complete) if anything was made."""
         cache = self.cache
         if self.made and cache.writable and self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # two loads at once: each its own
             try:
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp),
                           metadata={"entries": json.dumps(self.shapes)})
