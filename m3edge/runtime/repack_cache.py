@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from m3edge.runtime import native
 
@@ -117,9 +117,9 @@ class CachePart:
         self.made = False
         if self.path is not None and self.path.is_file():
             try:
-                with safe_open(str(self.path), framework="pt") as f:
+                with safe_open(str(self.path), framework="pt", device=str(cache.device)) as f:  # one read
                     self.shapes = json.loads((f.metadata() or {}).get("entries", "{}"))
-                self.tensors = load_file(str(self.path), device=str(cache.device))
+                    self.tensors = {k: f.get_tensor(k) for k in f.keys()}
             except (SafetensorError, OSError, ValueError, RuntimeError):
                 self.tensors, self.shapes = {}, {}  # unreadable: repacked and written again
 

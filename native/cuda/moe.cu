@@ -166,14 +166,14 @@ extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int
   if (mma_rows_req > 0 && forced_ns) return M3E_ERR_ARG;  // slabs per CTA are the decode kernel's
   const int mma = mma_rows_req > 0 ? mma_rows_req : mma_rows_req == 0 && !forced_ns ? mma_rows_auto(n, E) : 0;
   // the tile kernel's limits: 32-bit x offsets (its registers), the token tiles in the grid's y
-  const bool fits = (long long)T * H < (1LL << 31) && (long long)n * I < (1LL << 31) &&
-                    (mma == 0 || tile_bound(n, E, mma) <= 65535);
+  const int mma_tiles = mma > 0 ? tile_bound(n, E, mma) : 0;
+  const bool fits = (long long)T * H < (1LL << 31) && (long long)n * I < (1LL << 31) && mma_tiles <= 65535;
   if (mma > 0 && !fits && mma_rows_req > 0) return M3E_ERR_SHAPE;
   if (mma > 0 && fits) {
     plan->mma_rows = mma;
     plan->ns_gu = plan->ns_dn = WARPS;
     plan->mr_gu = plan->mr_dn = mma;
-    plan->tiles_gu = plan->tiles_dn = tile_bound(n, E, mma);
+    plan->tiles_gu = plan->tiles_dn = mma_tiles;
     plan->slot_floats = (size_t)n * H;
     plan->n_counters = T * ((H + NT - 1) / NT);
     return M3E_OK;
@@ -192,17 +192,21 @@ extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int
 }
 
 // The decode kernel's Params for one MoE launch (the decode path of m3e_w4a16_gemm, one slice).
-static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool has_min, bool has_zp, int* smem) {
-  const int G = gshift == 31 ? 1 : K >> gshift;
-  const DecodeSmem L(mr, ns, K / 64, gshift, G, has_min, has_zp);
-  if (L.total > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
-  p.M = mr;
+// The shape fields of one MoE launch (either kernel: one K slice, no split-K).
+static void moe_shape(Params& p, int N, int K, int gshift) {
   p.N = N;
   p.K = K;
-  p.G = G;
+  p.G = gshift == 31 ? 1 : K >> gshift;
   p.gshift = gshift;
   p.gmask = gshift == 31 ? 0x7fffffff : (1 << gshift) - 1;
   p.splits = 1;
+}
+
+static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool has_min, bool has_zp, int* smem) {
+  moe_shape(p, N, K, gshift);
+  const DecodeSmem L(mr, ns, K / 64, gshift, p.G, has_min, has_zp);
+  if (L.total > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
+  p.M = mr;
   p.cps = K / 64;
   p.ns = ns;
   p.wk_shift = 0;
@@ -247,12 +251,7 @@ static int moe_tile_launches(const m3e_moe_args& a, Params& p, const m3e_moe_pla
   const int mt = plan.mma_rows / 8;
   const bool has_min = a.mn_gu != nullptr;
   auto launch = [&](int epi, int N, int K) {
-    p.N = N;
-    p.K = K;
-    p.G = gshift == 31 ? 1 : K >> gshift;
-    p.gshift = gshift;
-    p.gmask = gshift == 31 ? 0x7fffffff : (1 << gshift) - 1;
-    p.splits = 1;
+    moe_shape(p, N, K, gshift);
     p.cps = (K + KC - 1) / KC;
     const dim3 grid((N + NT - 1) / NT, plan.tiles_gu);
     return a.act_bf16 ? launch_moe_tile_bf16(p, epi, mt, has_min, grid, s)
