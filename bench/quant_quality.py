@@ -1,6 +1,7 @@
 """Quantization quality on SmolLM2-135M-Instruct: one run, one table.
 
-Rows: bf16 weights, int8 g128, int4 RTN g32 / g64 / g128, GPTQ g128, AWQ g128 (m3edge quantize),
+Rows: bf16 weights, int8 g128, int4 RTN g32 / g64 / g128, GPTQ g128 (alone and followed by
+`--tune-scales 2`, quantize/tune.py), GPTQ g64, AWQ g128 (m3edge quantize),
 and bitsandbytes NF4 (blocksize 64, its default) as the outside baseline. Columns: perplexity on a
 held-out text (m3edge's stated rule: non-overlapping 512-token windows, no BOS for SmolLM2), the
 size of the linear layers' weights on disk, quantize time and the quantizing process's peak RSS.
@@ -12,6 +13,7 @@ SmolLM2's hidden size is 576 = 4.5 x 128, so g128 rows use --partial-groups (the
 each 576-wide row holds 64 inputs); g32 and g64 divide every layer.
 
     pip install -e ".[bench]"; python bench/quant_quality.py [--text /usr/share/common-licenses/GPL-3] [--work /tmp/qq]
+    [--resume]  # after a crash: keep the rows already measured
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ ROWS = [  # name, quantize args (None = not produced by m3edge quantize)
     ("int4 RTN g64", ["--bits", "4", "--group", "64"]),
     ("int4 RTN g128", ["--bits", "4", "--group", "128", "--partial-groups"]),
     ("int4 GPTQ g128", ["--bits", "4", "--group", "128", "--partial-groups", "--method", "gptq", "--act-order"]),
+    ("int4 GPTQ+tune g128", ["--bits", "4", "--group", "128", "--partial-groups", "--method", "gptq", "--act-order",
+                             "--tune-scales", "2"]),
     ("int4 GPTQ g64", ["--bits", "4", "--group", "64", "--method", "gptq", "--act-order"]),
     ("int4 AWQ g128", ["--bits", "4", "--group", "128", "--partial-groups", "--method", "awq"]),
     ("bnb NF4 b64", None),
@@ -89,6 +93,8 @@ def main() -> None:
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="held-out text")
     ap.add_argument("--work", default="/tmp/m3edge-quant-quality", help="scratch directory")
     ap.add_argument("--only", nargs="*", help="row names to run (default: all)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows WORK/results.json already holds "
+                                                          "(same text) and run the rest")
     args = ap.parse_args()
 
     from m3edge.eval import text_ids
@@ -103,9 +109,16 @@ def main() -> None:
         import_checkpoint(None, src, force=src.exists(), dequantize=True)  # the float weights quantize reads
     tok = Tokenizer.from_dir(src)
     ids = text_ids(tok, args.text)
+    saved = work / "results.json"
+    done = {}
+    if args.resume and saved.exists() and json.loads(saved.read_text())["text"] == args.text:
+        done = {r[0]: r for r in json.loads(saved.read_text())["rows"]}
     results = []
     for name, qargs in ROWS:
         if args.only and name not in args.only:
+            continue
+        if name in done:
+            results.append(done[name])
             continue
         if name == "bf16":
             m = load_model(src, dtype=torch.float32)
@@ -122,8 +135,7 @@ def main() -> None:
             row = (ppl(load_model(out, dtype=torch.float32), tok, ids), linear_bytes(out), secs, peak)
         results.append((name, *row))
         print(f"{name}: ppl {row[0]:.3f}", file=sys.stderr, flush=True)
-
-    (work / "results.json").write_text(json.dumps({"text": args.text, "tokens": len(ids), "rows": results}, indent=1))
+        saved.write_text(json.dumps({"text": args.text, "tokens": len(ids), "rows": results}, indent=1))  # each row
     print_table(results, args.text, len(ids))
 
 
@@ -137,7 +149,7 @@ def print_table(results: list, text: str, n_tokens: int) -> None:
     for name, p, size, secs, peak in results:
         rel = f"{100 * (p / base - 1):+.2f}%" if base else "-"
         r = rtn.get(name.split()[-1])
-        closed = f"{100 * (r - p) / (r - base):.0f}%" if base and r and ("GPTQ" in name or "AWQ" in name) else ""
+        closed = f"{100 * (r - p) / (r - base):.1f}%" if base and r and ("GPTQ" in name or "AWQ" in name) else ""
         rss = f"{peak / 2**20:5.0f} MiB" if peak else "-"
         print(f"| {name:<15} | {p:8.3f} | {rel:>8} | {closed:>10} | {size / 2**20:6.1f} MiB | "
               f"{secs:6.1f} s | {rss:>8} |")

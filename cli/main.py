@@ -552,6 +552,10 @@ def quantize(
                                              "group of each row is shorter (compressed-tensors reads it)."),
     damp: float = typer.Option(0.01, help="GPTQ damping, a fraction of the Hessian's mean diagonal."),
     lm_head_bits: int = typer.Option(8, help="8 (int8) or 0 (keep bf16)."),
+    tune_scales: int = typer.Option(0, "--tune-scales", metavar="EPOCHS",
+                                    help="Then tune the group scales end to end for EPOCHS epochs: KL to the "
+                                         "float model on the calibration prompts, integers unchanged. Holds "
+                                         "the float and the quantized model in RAM at once. 0: off."),
     include: List[str] = typer.Option([], help="Regex: quantize only matching linear weights (repeatable)."),
     exclude: List[str] = typer.Option([], help="Regex: keep matching linear weights in bf16 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run with the same options."),
@@ -571,7 +575,7 @@ def quantize(
                   exclude=exclude, calib=[str(c) for c in calib], builtin_calib=not no_builtin_calib,
                   calib_tokens=calib_tokens, min_expert_tokens=min_expert_tokens,
                   calibrate_all_experts=calibrate_all_experts, act_order=act_order,
-                  partial_groups=partial_groups, damp=damp, awq_scale=awq_scale)
+                  partial_groups=partial_groups, damp=damp, awq_scale=awq_scale, tune_epochs=tune_scales)
     with progress_bar(f"quantize {method} int{bits} g{group}") as update:
         path, reports = quantize_checkpoint(src, out, opt, force=force, resume=resume, progress=update,
                                             log=lambda m: err.print(f"[dim]{m}[/]"))

@@ -13,7 +13,9 @@ by AWQ's search (o's scale after the attention of the quantized q, k, v; down's 
 quantized) and picks each group's grid by an activation-weighted clip search (quantize/awq.py);
 `gptq` does the same scaling, takes that same grid and lets GPTQ choose the integers with its
 error compensation (quantize/gptq.py, static groups, optional act-order). Statistics are per
-expert, from the tokens routed to it.
+expert, from the tokens routed to it. `--tune-scales N` then trains every group's scale (integers
+fixed) for N epochs against the float model's next-token distribution on the calibration prompts
+(quantize/tune.py): the one step that is not streaming, it holds both models in RAM.
 
 Only one weight matrix is materialised in fp32 at a time (read from the memory-mapped source),
 plus the calibration hidden states; the quantized tensors go straight to a per-layer shard in a
@@ -87,12 +89,15 @@ class Options:
     damp: float = 0.01
     awq_scale: bool = True  # awq / gptq: AWQ's input-channel scaling of o and down (quantize/awq.py)
     partial_groups: bool = False  # allow a group that does not divide K (shorter last group)
+    tune_epochs: int = 0  # > 0: then tune the group scales end to end for this many epochs (quantize/tune.py)
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise M3Error(f"unknown method '{self.method}' (choose rtn, gptq or awq)")
         if self.lm_head_bits not in (0, 8):
             raise M3Error(f"--lm-head-bits must be 8 or 0 (keep bf16), got {self.lm_head_bits}")
+        if self.tune_epochs < 0:
+            raise M3Error(f"--tune-scales takes a number of epochs >= 0 (0: no tuning), got {self.tune_epochs}")
         for rx in self.include + self.exclude:
             try:
                 re.compile(rx)
@@ -194,7 +199,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opt: Options, force: b
     calibrated = opt.method != "rtn"
     tok = Tokenizer.from_dir(src)
     prompts = None
-    if calibrated:
+    if calibrated or opt.tune_epochs:
         from m3edge.quantize.calib import build_calibration
 
         prompts = build_calibration(cfg, tok, [Path(f) for f in opt.calib], opt.builtin_calib, opt.calib_tokens)
@@ -227,7 +232,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opt: Options, force: b
         work.save_state(state)
         if progress:
             progress(f"layer {i + 1}/{n_layers}", i + 1, n_layers)
-    out = _assemble(src, dst, work, cfg, opt, qnames, reports, force)
+    out = _assemble(src, dst, work, cfg, opt, qnames, reports, force, prompts, progress, log)
     return out, reports
 
 
@@ -496,9 +501,10 @@ def _trim_heap() -> None:
 
 
 def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qnames: set[str],
-              reports: list[LayerReport], force: bool) -> Path:
-    """Hard-link the shards into a fresh temp dir with their final names, add config, index,
-    side files and manifest, then rename it to DST (the work dir stays valid until then)."""
+              reports: list[LayerReport], force: bool, prompts=None, progress=None, log=None) -> Path:
+    """Hard-link the shards into a fresh temp dir with their final names, add config, index and
+    side files, tune the scales there if asked, add report and manifest, then rename it to DST (the
+    work dir, untuned, stays valid until then: a run killed while tuning resumes from here)."""
     final = dst.parent / f".{dst.name}.assemble"
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir()
@@ -527,6 +533,13 @@ def _assemble(src: Path, dst: Path, work: _Work, cfg: M3Config, opt: Options, qn
         if (src / f).exists():
             shutil.copyfile(src / f, final / f)
     report = {"method": opt.method, "options": opt.key(), "layers": [asdict(r) for r in reports]}
+    if opt.tune_epochs and qnames:
+        from m3edge.quantize.tune import tune_scales
+
+        report["tune_scales"] = t = tune_scales(src, final, qnames, prompts, opt.tune_epochs, progress)
+        if log:
+            log(f"tuned scales: held-out KL {t['held_out_kl_before']:.4f} -> {t['held_out_kl_after']:.4f} "
+                f"(step {t['kept_step']} of {t['steps']} kept), {t['seconds']:.0f} s")
     (final / "quantization_report.json").write_text(json.dumps(report, indent=1))
     write_manifest(final, {"format": "m3edge-quantized/1"})
     share(final)
