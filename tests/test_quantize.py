@@ -196,6 +196,13 @@ def medium_config(layers: int, hidden: int = 256, inter: int = 512, experts: int
     return raw
 
 
+def assert_same_files(ref: Path, dst: Path) -> None:
+    for f in sorted(p.name for p in ref.iterdir()):
+        if f in ("quantization_report.json", "manifest.json"):  # timings differ
+            continue
+        assert (dst / f).read_bytes() == (ref / f).read_bytes(), f
+
+
 def test_sigkill_leaves_nothing_and_resume_is_bit_identical(tmp_path):
     src = write_random(medium_config(8), tmp_path / "src")
     args = ["quantize", src, "--method", "gptq", "--group", "64", "--calib-tokens", "3000"]
@@ -220,10 +227,7 @@ def test_sigkill_leaves_nothing_and_resume_is_bit_identical(tmp_path):
     assert 2 <= done < 8
     r = run_cli(*args, "--out", dst, "--resume")
     assert r.returncode == 0, r.stderr
-    for f in sorted(p.name for p in (tmp_path / "ref").iterdir()):
-        if f in ("quantization_report.json", "manifest.json"):  # timings differ
-            continue
-        assert (dst / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert_same_files(tmp_path / "ref", dst)
     assert not (tmp_path / ".dst.partial").exists()
 
 
@@ -249,10 +253,7 @@ def test_sigkill_while_tuning_leaves_nothing_and_resume_is_bit_identical(tmp_pat
     assert json.loads((tmp_path / ".dst.partial" / "state.json").read_text())["done_layers"] == 4
     r = run_cli(*args, "--out", dst, "--resume")
     assert r.returncode == 0, r.stderr
-    for f in sorted(p.name for p in (tmp_path / "ref").iterdir()):
-        if f in ("quantization_report.json", "manifest.json"):  # timings differ
-            continue
-        assert (dst / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert_same_files(tmp_path / "ref", dst)
     assert not (tmp_path / ".dst.partial").exists() and not (tmp_path / ".dst.assemble").exists()
 
 
