@@ -141,12 +141,9 @@ def prefill(be, prompt, cache):
                       prompt.audio_features, cache)
 
 
-def run_cuda(name: str, be: CudaBackend, bw: float) -> dict:
-    cfg = be.cfg
-    cache = be.new_cache()
-    prompt = text_prompt(cfg, 32)
-    logits = prefill(be, prompt, cache)
-    pos = int(prompt.position_ids.max()) + 1
+def decode_rate(be: CudaBackend, cache, logits, pos: int):
+    """STEPS greedy steps through the backend's forward (median step time), then STEPS replays of the
+    current length's graph alone -> (step tok/s, graph us a token, last logits, next position)."""
     times = []
     for _ in range(STEPS):  # the backend's forward per token, as the engine calls it
         t = int(logits.argmax())
@@ -163,12 +160,36 @@ def run_cuda(name: str, be: CudaBackend, bw: float) -> dict:
         g.replay()
     e.record()
     torch.cuda.synchronize()
-    graph_us = s.elapsed_time(e) * 1e3 / STEPS
+    return step_tps, s.elapsed_time(e) * 1e3 / STEPS, logits, pos
+
+
+def set_attn_kernel(be: CudaBackend, on: bool) -> None:
+    """The decode attention kernel (native.attn_decode) on, or off (rope_qkv + SDPA); graphs captured
+    before keep what they captured (clear them)."""
+    for layer in be.model.layers:
+        if hasattr(layer.self_attn, "attn_kernel"):
+            layer.self_attn.attn_kernel = on
+
+
+def run_cuda(name: str, be: CudaBackend, bw: float, ab_attn: bool = False) -> dict:
+    cfg = be.cfg
+    cache = be.new_cache()
+    prompt = text_prompt(cfg, 32)
+    logits = prefill(be, prompt, cache)
+    pos = int(prompt.position_ids.max()) + 1
+    step_tps, graph_us, logits, pos = decode_rate(be, cache, logits, pos)
     nbytes = decode_bytes(be, pos)
     roof = bw * 1e9 / nbytes
 
     row = {"model": name, "backend": "cuda int4", "graph_tps": 1e6 / graph_us, "step_tps": step_tps,
            "roofline_tps": roof, "bytes_per_token": nbytes, "graph_us": graph_us}
+    if ab_attn:  # the same cache and positions on, with rope_qkv + SDPA instead of the attention kernel
+        set_attn_kernel(be, False)
+        cache.graphs.clear()
+        sdpa_step, sdpa_us, logits, pos = decode_rate(be, cache, logits, pos)
+        set_attn_kernel(be, True)
+        cache.graphs.clear()
+        row.update(graph_tps_sdpa=1e6 / sdpa_us, step_tps_sdpa=sdpa_step)
     if cfg.vision_config is not None:
         mp, frontend_s = media_prompt(cfg)
         tt = []
@@ -330,6 +351,8 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
+    ap.add_argument("--ab-attn", action="store_true",
+                    help="also time decode with rope_qkv + SDPA in place of the decode attention kernel")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--profile-prefill", action="store_true", help="only list the kernels of the TTFT prefill")
     ap.add_argument("--load", type=Path, metavar="WORK_DIR",
@@ -356,7 +379,7 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         load_peak = torch.cuda.max_memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()  # the run's peak from here: weights + cache + scratch
-        row = run_cuda(preset, be, bw)
+        row = run_cuda(preset, be, bw, args.ab_attn)
         row.update(load_s=load_s, load_peak_gib=load_peak, plan_gib=be.plan.total / GIB)
         rows.append(row)
         print(row, flush=True)
@@ -390,6 +413,10 @@ def main() -> None:
         num = (lambda v: "-" if v != v else f"{v:.0f}")  # noqa: E731 - nan: not measured for this row
         lines.append(f"| {r['model']} | {r['backend']} | {num(r['graph_tps'])} | {num(r['step_tps'])} | {num(roof)} | "
                      f"{pct} | {mb} | {ttft} | {vram} |")
+    for r in rows:
+        if "graph_tps_sdpa" in r:
+            lines.append(f"\n{r['model']} decode tok/s (graph / step): attention kernel {r['graph_tps']:.0f} / "
+                         f"{r['step_tps']:.0f}, rope_qkv + SDPA {r['graph_tps_sdpa']:.0f} / {r['step_tps_sdpa']:.0f}")
     table = "\n".join(lines)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@
 // them on a machine with no GPU; a call that passes them then says the build has no CUDA.
 #include <torch/extension.h>
 
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -56,7 +57,7 @@ bool is_half(const at::Tensor& t) {
   if (!(cond)) return cat("value: moe_w4a16: ", __VA_ARGS__)
 
 #define CHECK_OP(op, cond, ...) \
-  if (!(cond)) return cat("value: " op ": ", __VA_ARGS__)
+  if (!(cond)) return cat("value: ", op, ": ", __VA_ARGS__)
 
 // Every tensor contiguous, on the first one's CUDA device (every op's common checks).
 std::string check_all(const char* op, const std::vector<std::pair<const char*, const at::Tensor*>>& all) {
@@ -403,18 +404,22 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
 #endif
 }
 
-// q/k/v epilogue (native/cuda/decode_ops.cu), batch 1: qkv [T, (nh + 2 nkv) D]; q_norm / k_norm [D] or
-// None; cos, sin [T, D]; q_out [nh, T, D]; k_cache, v_cache [nkv, cap, D]; pos int64 [1] on the device
-// (or None: pos0) is the cache slot of token 0. All of qkv's dtype.
-std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
-                     const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
-                     at::Tensor& q_out, at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& pos,
-                     int64_t pos0, int64_t nh, int64_t nkv, double eps) {
-  CHECK_OP("rope_qkv", qkv.dim() == 2 && is_half(qkv) && nh >= 1 && nkv >= 1 && nh % nkv == 0 &&
+// The checks the q/k/v epilogue ops share: qkv [T, (nh + 2 nkv) D] (D a multiple of 32 up to 512),
+// q_norm / k_norm [D] or None, cos / sin [T, D], k_cache / v_cache [nkv, cap, D], pos int64 [1] or
+// None (then slots pos0 .. pos0 + T - 1 must be in the cache), all of qkv's dtype and device. `own`:
+// the op's own shape checks (run after these, before the device checks); `more`: the op's own
+// tensors, checked for contiguity and device too.
+std::string check_qkv_epilogue(const char* op, const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                               const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+                               const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const c10::optional<at::Tensor>& pos, int64_t pos0, int64_t nh, int64_t nkv,
+                               const std::function<std::string(int64_t T, int64_t D)>& own,
+                               std::vector<std::pair<const char*, const at::Tensor*>> more) {
+  CHECK_OP(op, qkv.dim() == 2 && is_half(qkv) && nh >= 1 && nkv >= 1 && nh % nkv == 0 &&
                qkv.size(1) % (nh + 2 * nkv) == 0,
            "qkv must be float16 or bfloat16 [T, (nh + 2 nkv) D] with nh ", nh, ", nkv ", nkv, ", got ", desc(qkv));
   const int64_t T = qkv.size(0), D = qkv.size(1) / (nh + 2 * nkv);
-  CHECK_OP("rope_qkv", D % 32 == 0 && D <= 512, "head_dim must be a multiple of 32 up to 512, got ", D);
+  CHECK_OP(op, D % 32 == 0 && D <= 512, "head_dim must be a multiple of 32 up to 512, got ", D);
   const auto dt = qkv.scalar_type();
   auto is = [&](const at::Tensor& t, std::vector<int64_t> shape) {
     if (t.scalar_type() != dt || t.dim() != (int64_t)shape.size()) return false;
@@ -422,25 +427,45 @@ std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_n
       if (t.size(i) != shape[i]) return false;
     return true;
   };
-  CHECK_OP("rope_qkv", !q_norm || is(*q_norm, {D}), "q_norm must be [", D, "] of qkv's dtype, got ", desc(*q_norm));
-  CHECK_OP("rope_qkv", !k_norm || is(*k_norm, {D}), "k_norm must be [", D, "] of qkv's dtype, got ", desc(*k_norm));
-  CHECK_OP("rope_qkv", is(cos, {T, D}) && is(sin, {T, D}), "cos and sin must be [", T, ", ", D,
+  CHECK_OP(op, !q_norm || is(*q_norm, {D}), "q_norm must be [", D, "] of qkv's dtype, got ", desc(*q_norm));
+  CHECK_OP(op, !k_norm || is(*k_norm, {D}), "k_norm must be [", D, "] of qkv's dtype, got ", desc(*k_norm));
+  CHECK_OP(op, is(cos, {T, D}) && is(sin, {T, D}), "cos and sin must be [", T, ", ", D,
            "] of qkv's dtype, got ", desc(cos), " and ", desc(sin));
-  CHECK_OP("rope_qkv", is(q_out, {nh, T, D}), "q_out must be [", nh, ", ", T, ", ", D, "], got ", desc(q_out));
-  CHECK_OP("rope_qkv", k_cache.dim() == 3 && is(k_cache, {nkv, k_cache.size(1), D}) && is(v_cache, k_cache.sizes().vec()),
+  CHECK_OP(op, k_cache.dim() == 3 && is(k_cache, {nkv, k_cache.size(1), D}) && is(v_cache, k_cache.sizes().vec()),
            "k_cache and v_cache must be [", nkv, ", cap, ", D, "] of qkv's dtype, got ", desc(k_cache), " and ",
            desc(v_cache));
   const int64_t cap = k_cache.size(1);
-  CHECK_OP("rope_qkv", pos || (pos0 >= 0 && pos0 + T <= cap), "slots ", pos0, "..", pos0 + T - 1,
+  CHECK_OP(op, pos || (pos0 >= 0 && pos0 + T <= cap), "slots ", pos0, "..", pos0 + T - 1,
            " are outside the cache's ", cap);
-  CHECK_OP("rope_qkv", !pos || (pos->dim() == 1 && pos->size(0) == 1 && pos->scalar_type() == at::kLong),
+  CHECK_OP(op, !pos || (pos->dim() == 1 && pos->size(0) == 1 && pos->scalar_type() == at::kLong),
            "pos must be int64 [1], got ", desc(*pos));
+  if (auto e = own(T, D); !e.empty()) return e;
   std::vector<std::pair<const char*, const at::Tensor*>> all = {
-      {"qkv", &qkv}, {"cos", &cos}, {"sin", &sin}, {"q_out", &q_out}, {"k_cache", &k_cache}, {"v_cache", &v_cache}};
+      {"qkv", &qkv}, {"cos", &cos}, {"sin", &sin}, {"k_cache", &k_cache}, {"v_cache", &v_cache}};
+  all.insert(all.end(), more.begin(), more.end());
   if (q_norm) all.push_back({"q_norm", &*q_norm});
   if (k_norm) all.push_back({"k_norm", &*k_norm});
   if (pos) all.push_back({"pos", &*pos});
-  if (auto e = check_all("rope_qkv", all); !e.empty()) return e;
+  return check_all(op, all);
+}
+
+// q/k/v epilogue (native/cuda/decode_ops.cu), batch 1: the tensors of check_qkv_epilogue and q_out
+// [nh, T, D]; pos (or pos0) is the cache slot of token 0.
+std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                     const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+                     at::Tensor& q_out, at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& pos,
+                     int64_t pos0, int64_t nh, int64_t nkv, double eps) {
+  auto own = [&](int64_t T, int64_t D) -> std::string {
+    CHECK_OP("rope_qkv", q_out.scalar_type() == qkv.scalar_type() && q_out.dim() == 3 && q_out.size(0) == nh &&
+                 q_out.size(1) == T && q_out.size(2) == D,
+             "q_out must be [", nh, ", ", T, ", ", D, "], got ", desc(q_out));
+    return "";
+  };
+  if (auto e = check_qkv_epilogue("rope_qkv", qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, pos0, nh, nkv, own,
+                                  {{"q_out", &q_out}});
+      !e.empty())
+    return e;
+  const int64_t T = qkv.size(0), D = qkv.size(1) / (nh + 2 * nkv);
 #ifdef M3E_NO_CUDA
   return "cuda: rope_qkv: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
@@ -460,10 +485,70 @@ std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_n
   a.nh = (int)nh;
   a.nkv = (int)nkv;
   a.D = (int)D;
-  a.cap = (int)cap;
-  a.act_bf16 = dt == at::kBFloat16;
+  a.cap = (int)k_cache.size(1);
+  a.act_bf16 = qkv.scalar_type() == at::kBFloat16;
   a.eps = (float)eps;
   return run_status("rope_qkv", m3e_rope_qkv(&a, at::cuda::getCurrentCUDAStream().stream()));
+#endif
+}
+
+// Batch-1 decode attention (native/cuda/decode_ops.cu): the tensors of check_qkv_epilogue with T = 1,
+// out [nh, D] of qkv's dtype, workspace float32 [>= nh * M3E_ATTN_MAX_SPLITS * (D + 2)] and counters
+// int32 [>= nkv] (zero; left zero); keys: the slots the launch may see (pos < keys <= cap).
+std::string attn_decode(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                        const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+                        at::Tensor& out, at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& pos,
+                        int64_t pos0, int64_t keys, int64_t nh, int64_t nkv, double eps, at::Tensor& workspace,
+                        at::Tensor& counters) {
+  const int64_t cap = k_cache.size(1);
+  auto own = [&](int64_t T, int64_t D) -> std::string {
+    CHECK_OP("attn_decode", T == 1, "one token (qkv [1, ...]), got ", desc(qkv));
+    CHECK_OP("attn_decode", D == 32 || D == 64 || D == 128 || D == 256, "head_dim must be 32, 64, 128 or 256, got ", D);
+    CHECK_OP("attn_decode", nh / nkv <= 8, "at most 8 q heads per kv head, got ", nh, " / ", nkv);
+    CHECK_OP("attn_decode", keys >= 1 && keys <= cap && (pos || pos0 < keys), "keys ", keys, " must be in 1..", cap,
+             " (the cache) and above pos0 ", pos0);
+    CHECK_OP("attn_decode", keys <= M3E_ATTN_MAX_SPLITS * (8192 / D), "keys ", keys, " past the most one launch reads (",
+             M3E_ATTN_MAX_SPLITS * (8192 / D), " at head_dim ", D, ")");
+    CHECK_OP("attn_decode", out.scalar_type() == qkv.scalar_type() && out.numel() == nh * D, "out must hold [", nh,
+             ", ", D, "] of qkv's dtype, got ", desc(out));
+    CHECK_OP("attn_decode",
+             workspace.scalar_type() == at::kFloat && workspace.numel() >= nh * M3E_ATTN_MAX_SPLITS * (D + 2),
+             "workspace must be float32 of >= ", nh * M3E_ATTN_MAX_SPLITS * (D + 2), " elements, got ", desc(workspace));
+    CHECK_OP("attn_decode", counters.scalar_type() == at::kInt && counters.numel() >= nkv,
+             "counters must be int32 of >= ", nkv, " elements, got ", desc(counters));
+    return "";
+  };
+  if (auto e = check_qkv_epilogue("attn_decode", qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, pos0, nh, nkv,
+                                  own, {{"out", &out}, {"workspace", &workspace}, {"counters", &counters}});
+      !e.empty())
+    return e;
+  const int64_t D = qkv.size(1) / (nh + 2 * nkv);
+#ifdef M3E_NO_CUDA
+  return "cuda: attn_decode: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
+#else
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  m3e_attn_args a;
+  a.qkv = qkv.data_ptr();
+  a.q_norm = q_norm ? q_norm->data_ptr() : nullptr;
+  a.k_norm = k_norm ? k_norm->data_ptr() : nullptr;
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  a.out = out.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.pos_dev = pos ? pos->data_ptr<int64_t>() : nullptr;
+  a.workspace = workspace.data_ptr<float>();
+  a.counters = counters.data_ptr<int>();
+  a.pos0 = (int)pos0;
+  a.keys = (int)keys;
+  a.nh = (int)nh;
+  a.nkv = (int)nkv;
+  a.D = (int)D;
+  a.cap = (int)cap;
+  a.act_bf16 = qkv.scalar_type() == at::kBFloat16;
+  a.eps = (float)eps;
+  if (int rc = m3e_attn_plan(a.keys, a.D, &a.splits, &a.chunk); rc != M3E_OK) return run_status("attn_decode", rc);
+  return run_status("attn_decode", m3e_attn_decode(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
 }
 
@@ -550,6 +635,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("cos"), py::arg("sin"), py::arg("q_out"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pos0"), py::arg("nh"), py::arg("nkv"),
         py::arg("eps"));
+  m.def("attn_decode", &attn_decode,
+        "batch-1 decode attention with the q/k/v epilogue (native/cuda/decode_ops.cu); returns an error or ''",
+        py::arg("qkv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("cos"), py::arg("sin"), py::arg("out"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pos0"), py::arg("keys"), py::arg("nh"),
+        py::arg("nkv"), py::arg("eps"), py::arg("workspace"), py::arg("counters"));
 #ifdef M3E_NO_CUDA
   m.attr("has_cuda") = false;
 #else

@@ -341,6 +341,30 @@ def test_m3lite_image_audio_greedy_equals_the_reference(tmp_path):
 
 
 @pytest.mark.gpu
+def test_decode_attention_kernel_and_sdpa_paths_agree(tmp_path):
+    """The two decode attention paths of FusedQKVAttention (native.attn_decode; rope_qkv + SDPA, taken
+    past ATTN_KERNEL_MAX_KV_BYTES) on the same weights: the same greedy tokens, logits within fp16
+    rounding of each other, over 24 steps through the decode graphs."""
+    from m3edge.model.checkpoint import read_config
+    from m3edge.prompt import build_prompt
+    from m3edge.runtime.cuda import CudaBackend, FusedQKVAttention
+
+    q = _small_m3(tmp_path)
+    prompt = build_prompt([1, 2, 3, 4, 5, 6, 7], read_config(q))
+    kernel = CudaBackend(q, max_context=256, dtype=torch.float16)
+    assert all(isinstance(x.self_attn, FusedQKVAttention) and x.self_attn.attn_kernel for x in kernel.model.layers)
+    want, with_kernel = _greedy(kernel, prompt, 24)
+    del kernel
+    sdpa = CudaBackend(q, max_context=256, dtype=torch.float16)
+    for layer in sdpa.model.layers:
+        layer.self_attn.attn_kernel = False
+    got, without = _greedy(sdpa, prompt, 24)
+    err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(with_kernel, without))
+    print(f"max logit difference / max logit, attn_decode vs rope_qkv + SDPA: {err:.2e}")
+    assert got == want and err < 1e-2
+
+
+@pytest.mark.gpu
 def test_context_that_does_not_fit_is_refused_on_the_gpu(tmp_path):
     """The real GPU's free memory: a context whose KV cache cannot fit is refused, naming the largest."""
     from m3edge.model.checkpoint import read_config
@@ -421,6 +445,53 @@ def test_rope_kernel_matches_the_reference(dtype, head_dim, qk_norm):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,nh,nkv,qk_norm", [(128, 32, 4, True), (64, 9, 3, False), (256, 4, 4, True),
+                                                     (32, 16, 2, False)])
+@pytest.mark.parametrize("pos,keys,on_device", [(0, 1, False), (17, 64, True), (3000, 4096, True), (4095, 4096, False)])
+def test_attn_decode_kernel_matches_the_reference(dtype, head_dim, nh, nkv, qk_norm, pos, keys, on_device):
+    """native.attn_decode against native.rope_qkv (tested above against the reference's ops) followed by
+    fp32 SDPA over slots 0..pos: the output, the new slot's k and v in the cache, the rest of the cache
+    untouched, the counters left zero, a repeat bit-identical. Shapes: M3-Lite's heads (32 / 4, 128),
+    SmolLM2's (9 / 3, 64) and two more head sizes; one chunk, an empty chunk (17 of 64 slots), many chunks."""
+    import torch.nn.functional as F
+
+    from m3edge.runtime import native
+
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    D, cap, eps = head_dim, 4096, 1e-6
+    qkv = torch.randn(1, (nh + 2 * nkv) * D, device="cuda", generator=g).to(dtype)
+    qn = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(dtype) if qk_norm else None
+    kn = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(dtype) if qk_norm else None
+    ang = torch.rand(1, D // 2, device="cuda", generator=g) * 6.28
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    kc = torch.randn(nkv, cap, D, device="cuda", generator=g).to(dtype)
+    vc = torch.randn(nkv, cap, D, device="cuda", generator=g).to(dtype)
+    k0, v0 = kc.clone(), vc.clone()
+
+    kr, vr, q = kc.clone(), vc.clone(), torch.empty(nh, 1, D, dtype=dtype, device="cuda")
+    native.rope_qkv(qkv, qn, kn, cos, sin, q, kr, vr, None, pos, nh, nkv, eps)
+    want = F.scaled_dot_product_attention(q[None].float(), kr[None, :, :pos + 1].float(), vr[None, :, :pos + 1].float(),
+                                          enable_gqa=nh != nkv)[0, :, 0]  # [nh, D]
+
+    ws = native.attn_workspace(nh, nkv, D, "cuda")
+    dev_pos = torch.tensor([pos], device="cuda") if on_device else None
+    out = torch.full((nh, D), float("nan"), dtype=dtype, device="cuda")
+    native.attn_decode(qkv, qn, kn, cos, sin, kc, vc, dev_pos, pos, keys, nh, nkv, eps, ws, out=out)
+    tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), want, **tol)
+    torch.testing.assert_close(kc[:, pos], kr[:, pos], **tol)  # the q/k norms' sums run in another order
+    assert (kc[:, pos] != kr[:, pos]).float().mean() < 0.02
+    assert torch.equal(vc[:, pos], vr[:, pos])
+    rest = torch.ones(cap, dtype=torch.bool)
+    rest[pos] = False
+    assert torch.equal(kc[:, rest], k0[:, rest]) and torch.equal(vc[:, rest], v0[:, rest])
+    assert (ws[1] == 0).all()
+    again = native.attn_decode(qkv, qn, kn, cos, sin, kc, vc, dev_pos, pos, keys, nh, nkv, eps, ws)
+    assert torch.equal(again, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rmsnorm_kernel_matches_f_rms_norm(dtype):
     import torch.nn.functional as F
 
@@ -476,6 +547,25 @@ def test_small_ops_binder_checks_name_the_shapes():
     with pytest.raises(ValueError, match=r"rope_qkv: slots 30..34 are outside the cache's 32"):
         native.raise_for(ext.rope_qkv(qkv, None, None, cs, cs, torch.zeros(8, 5, 64, dtype=bf), cache, cache.clone(),
                                       None, 30, 8, 2, 1e-6))
+    one, c1 = qkv[:1].clone(), cs[:1].clone()
+    ws, cnt = torch.zeros(8 * 256 * 66), torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"attn_decode: one token \(qkv \[1, \.\.\.\]\), got \[5, 768\]"):
+        native.raise_for(ext.attn_decode(qkv, None, None, cs, cs, torch.zeros(8, 64, dtype=bf), cache, cache.clone(),
+                                         None, 0, 1, 8, 2, 1e-6, ws, cnt))
+    with pytest.raises(ValueError, match=r"attn_decode: keys 40 must be in 1..32 \(the cache\)"):
+        native.raise_for(ext.attn_decode(one, None, None, c1, c1, torch.zeros(8, 64, dtype=bf), cache, cache.clone(),
+                                         None, 3, 40, 8, 2, 1e-6, ws, cnt))
+    with pytest.raises(ValueError, match=r"attn_decode: workspace must be float32 of >= 135168 elements, got \[100\]"):
+        native.raise_for(ext.attn_decode(one, None, None, c1, c1, torch.zeros(8, 64, dtype=bf), cache, cache.clone(),
+                                         None, 3, 8, 8, 2, 1e-6, torch.zeros(100), cnt))
+    with pytest.raises(ValueError, match=r"attn_decode: keys 40000 past the most one launch reads \(32768 at head_dim 64\)"):
+        big = torch.zeros(2, 40000, 64, dtype=bf)
+        native.raise_for(ext.attn_decode(one, None, None, c1, c1, torch.zeros(8, 64, dtype=bf), big, big.clone(),
+                                         None, 3, 40000, 8, 2, 1e-6, ws, cnt))
+    with pytest.raises(ValueError, match=r"attn_decode: at most 8 q heads per kv head, got 16 / 1"):
+        native.raise_for(ext.attn_decode(torch.zeros(1, 18 * 64, dtype=bf), None, None, c1, c1,
+                                         torch.zeros(16, 64, dtype=bf), cache[:1].clone(), cache[:1].clone(), None, 3,
+                                         8, 16, 1, 1e-6, ws, cnt))
 
 
 @pytest.mark.gpu

@@ -47,6 +47,10 @@ from m3edge.model.scheme import Scheme
 from m3edge.runtime import native
 from m3edge.runtime.repack_cache import RepackCache
 
+# One token's attention through native.attn_decode up to this many K and V bytes a layer, rope_qkv + SDPA
+# past it: bench/attn_decode.py on the H100, M3-Lite heads, us a launch (ours / before): 256 keys 8.3 /
+# 13.6, 1024 keys (2.1 MB) 13.6 / 14.5, 4096 keys (8.4 MB) 27.1 / 18.2 (native/cuda/NOTES.md, A2)
+ATTN_KERNEL_MAX_KV_BYTES = 4 << 20
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the attention scratch at long contexts
 SCRATCH_FIXED = 512 * 2**20  # CUDA context extras, cuBLAS and kernel workspaces, graph pools (measured, see bench)
 MIN_BUCKET = 128
@@ -250,24 +254,35 @@ class FusedQKVAttention(Attention):
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.qkv = qkv
         self.sizes = (self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd)
+        # native.attn_workspace, shared by the layers (build_model): one token's attention in one launch
+        # (native.attn_decode) where it takes the heads; None or `attn_kernel` off: rope_qkv + SDPA
+        self.workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.attn_kernel = self.hd in (32, 64, 128, 256) and self.nh // self.nkv <= 8
 
     def project(self, x: torch.Tensor):
         return self.qkv(x).split(self.sizes, dim=-1)
 
     def forward(self, x, cos, sin, mask, cache):
-        """With the backend's cache: the q/k/v epilogue in one kernel (native.rope_qkv) writing the
-        cache itself; otherwise the reference's forward over `project`."""
+        """With the backend's cache: one token in one kernel (native.attn_decode: q/k norm, RoPE, cache
+        write and attention), several through native.rope_qkv (the q/k/v epilogue, writing the cache)
+        and SDPA; otherwise the reference's forward over `project`."""
         if not isinstance(cache, StaticKVCache) or self.hd % 32:
             return super().forward(x, cos, sin, mask, cache)
         B, S, _ = x.shape
         y = self.qkv(x).view(S, -1)
-        q = torch.empty(self.nh, S, self.hd, dtype=x.dtype, device=x.device)
         kb, vb = cache.kbuf[self.layer, 0], cache.vbuf[self.layer, 0]  # [nkv, cap, D]
         graph = cache.graph_keys is not None
-        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else (None, None, 0.0)
-        native.rope_qkv(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), q, kb, vb,
-                        cache.step.pos if graph else None, cache.n, self.nh, self.nkv, norms[2])
         keys = cache.graph_keys if graph else cache.n + S
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else (None, None, 0.0)
+        pos = cache.step.pos if graph else None
+        kv_bytes = keys * self.nkv * self.hd * 2 * x.element_size()
+        if S == 1 and self.attn_kernel and self.workspace is not None and kv_bytes <= ATTN_KERNEL_MAX_KV_BYTES:
+            out = native.attn_decode(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), kb, vb,
+                                     pos, cache.n, keys, self.nh, self.nkv, norms[2], self.workspace)
+            return self.o_proj(out.view(B, S, self.nh * self.hd))
+        q = torch.empty(self.nh, S, self.hd, dtype=x.dtype, device=x.device)
+        native.rope_qkv(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), q, kb, vb,
+                        pos, cache.n, self.nh, self.nkv, norms[2])
         out = F.scaled_dot_product_attention(q[None], kb[None, :, :keys], vb[None, :, :keys], attn_mask=mask,
                                              enable_gqa=self.nh != self.nkv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.hd))
@@ -575,7 +590,12 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
                 setattr(mod, child, FastRMSNorm(sub))
         if isinstance(mod, NativeMoE):
             mod.prepare()
+    ws = None
     for i, layer in enumerate(model.layers):
+        if isinstance(layer.self_attn, FusedQKVAttention) and layer.self_attn.attn_kernel:
+            a = layer.self_attn
+            ws = ws or native.attn_workspace(a.nh, a.nkv, a.hd, device)
+            a.workspace = ws
         model.layers[i] = NativeLayer(layer)
     return model.eval()
 

@@ -346,6 +346,33 @@ def rope_qkv(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tenso
     raise_for(load().rope_qkv(qkv, q_norm, k_norm, cos, sin, q_out, k_cache, v_cache, pos, pos0, nh, nkv, eps))
 
 
+ATTN_MAX_SPLITS = 256  # M3E_ATTN_MAX_SPLITS (native/cuda/m3e_api.cuh): chunks of one decode attention
+# (of at most 8192 / head_dim slots each: attn_decode refuses more than ATTN_MAX_SPLITS x that)
+
+
+def attn_workspace(nh: int, nkv: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """attn_decode's workspace (fp32 partials) and counters (zero, left zero): made once and kept (a
+    captured graph holds their addresses)."""
+    return (torch.empty(nh * ATTN_MAX_SPLITS * (head_dim + 2), dtype=torch.float32, device=device),
+            torch.zeros(nkv, dtype=torch.int32, device=device))
+
+
+def attn_decode(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor | None, pos0: int,
+                keys: int, nh: int, nkv: int, eps: float, workspace: tuple[torch.Tensor, torch.Tensor],
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's attention in one launch (native/cuda/decode_ops.cu): rope_qkv's q/k norm, RoPE and
+    cache write of qkv [1, (nh + 2 nkv) D], then softmax(q k^T / sqrt(D)) v over cache slots 0..pos
+    (pos: device int64 [1], or pos0), GQA -> [nh, D] in qkv's dtype. keys: the slots the launch may
+    see (a graph's bucket, > pos), which sets its chunking; workspace from attn_workspace."""
+    D = qkv.shape[1] // (nh + 2 * nkv)
+    if out is None:
+        out = torch.empty(nh, D, dtype=qkv.dtype, device=qkv.device)
+    raise_for(load().attn_decode(qkv, q_norm, k_norm, cos, sin, out, k_cache, v_cache, pos, pos0, keys, nh, nkv, eps,
+                                 workspace[0], workspace[1]))
+    return out
+
+
 def raise_for(msg: str) -> None:
     """The binder's returned error ("value: ..." / "cuda: ...", "" = none) as ValueError / RuntimeError."""
     if msg:

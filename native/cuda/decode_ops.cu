@@ -267,6 +267,277 @@ __global__ void rope_qkv_kernel(m3e_rope_args a) {
     static_cast<T*>(a.k_cache)[((size_t)(h - a.nh) * a.cap + slot) * D + d] = out;
 }
 
+
+// Decode attention (m3e_attn_decode): grid (nkv, splits), ATT_THREADS threads. A CTA serves the G =
+// nh / nkv q heads of one kv head over one chunk of slots. The prologue recomputes the new token's q
+// (G heads) and k as rope_qkv_kernel does (RMS norm, RoPE, each step rounded to the activation type);
+// the slot pos is read from those registers, never from the cache (the chunk holding pos writes it
+// there). The slots: lanes of a key group (D / 8 lanes, 8 elements each) share a key; the CTA's key
+// groups take consecutive slots, ATT_KPT per pass, with an online softmax per group in fp32; the groups
+// are merged in shared memory, then (splits > 1) the chunks in the workspace by the head's last CTA.
+// Launched as a programmatic dependent: the old slots are prefetched to L2 before the wait, and the
+// next launch (the o GEMM) may start streaming its weights at once.
+constexpr int ATT_WARPS = 8;  // one q head a warp
+constexpr int ATT_THREADS = 32 * ATT_WARPS;
+constexpr int ATT_MAXG = ATT_WARPS;
+constexpr int ATT_MAXD = 256;
+constexpr int ATT_KV_BYTES = 32 << 10;  // a chunk's K and V in shared memory: 8192 / D slots at most
+constexpr int ATT_KPT = 4;              // key steps a warp loads together
+
+template <bool BF16>
+__global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn_args a) {
+  using A = Act<BF16>;
+  using T = typename A::T;
+  // K [chunk][D] then V [chunk][D] of this chunk's slots (the new one from the prologue); at the end
+  // the chunk merge's scratch
+  __shared__ __align__(16) uint8_t kvs[ATT_KV_BYTES];
+  // the inputs as stored: the group's q rows, k, v, then cos, sin, q_norm, k_norm (rows of D)
+  __shared__ __align__(16) T in[(ATT_MAXG + 6) * ATT_MAXD];
+  __shared__ __align__(16) T qs[ATT_MAXG * ATT_MAXD];  // the group's q rows, normed and roped
+  __shared__ float rf[ATT_MAXG + 1];                    // rms factors of those q rows and of k
+  __shared__ int s_last;
+  const int hk = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int D = a.D, ld = __ffs(D) - 1, half = D >> 1, G = a.nh / a.nkv, vpr = D >> 3, lv = ld - 3;
+  const int C = a.chunk, c0 = split * C;
+  T* ks = reinterpret_cast<T*>(kvs);
+  T* vs = ks + C * D;
+  const T* kc = static_cast<const T*>(a.k_cache) + (size_t)hk * a.cap * D;
+  const T* vc = static_cast<const T*>(a.v_cache) + (size_t)hk * a.cap * D;
+  // pos is a static input of the launch (set before a graph replay or passed by value), and the slots
+  // before it were written by earlier steps: both may be read before the wait
+  const int pos = a.pos_dev ? (int)a.pos_dev[0] : a.pos0;
+  const int n_old = max(0, min(c0 + C, pos) - c0), n = max(0, min(c0 + C, pos + 1) - c0);
+  pdl_launch_dependents();
+  // 1. the chunk's old slots, requested before the wait (they overlap the kernel before's end)
+#pragma unroll 1
+  for (int i = tid; i < 2 * n_old * vpr; i += ATT_THREADS) {
+    const bool v = i >= n_old * vpr;
+    const int r = v ? i - n_old * vpr : i, j = r >> lv, c = (r & (vpr - 1)) * 8;
+    cp_async16((v ? vs : ks) + j * D + c, (v ? vc : kc) + (size_t)(c0 + j) * D + c);
+  }
+  cp_async_commit();
+  pdl_wait();
+  // 2. this token's rows: 0..G-1 q, G k, G+1 v, G+2 cos, G+3 sin, G+4 q_norm, G+5 k_norm
+  {
+    const T* row = static_cast<const T*>(a.qkv);
+#pragma unroll 1
+    for (int i = tid; i < (G + 6) * vpr; i += ATT_THREADS) {
+      const int r = i >> lv, c = (i & (vpr - 1)) * 8;
+      const T* src = r < G       ? row + (size_t)(hk * G + r) * D
+                     : r == G     ? row + (size_t)(a.nh + hk) * D
+                     : r == G + 1 ? row + (size_t)(a.nh + a.nkv + hk) * D
+                     : r == G + 2 ? static_cast<const T*>(a.cos)
+                     : r == G + 3 ? static_cast<const T*>(a.sin)
+                     : r == G + 4 ? static_cast<const T*>(a.q_norm)
+                                  : static_cast<const T*>(a.k_norm);
+      if (src) cp_async16(in + r * D + c, src + c);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+  // 3. q / k RMS norms and RoPE, each step rounded as rope_qkv_kernel rounds it (the norm's sum in
+  //    another order); the new k and v go to the chunk's row for pos and, from the chunk holding it,
+  //    to the cache
+#pragma unroll 1
+  for (int r = warp; r < G + 1; r += ATT_WARPS) {
+    float ss = 0.f;
+#pragma unroll 1
+    for (int d = lane; d < D; d += 32) {
+      const float v = A::f(in[r * D + d]);
+      ss += v * v;
+    }
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) rf[r] = rsqrtf(ss / D + a.eps);
+  }
+  __syncthreads();
+  const bool has_new = n > n_old;  // pos is in this chunk, at row n_old
+  const T* cs = in + (G + 2) * D;
+  const T* sn = in + (G + 3) * D;
+#pragma unroll 1
+  for (int i = tid; i < (G + 1) * D; i += ATT_THREADS) {
+    const int r = i >> ld, d = i & (D - 1);
+    if (r == G && !has_new) break;
+    const bool nrm = (r < G ? a.q_norm : a.k_norm) != nullptr;
+    const T* nw = in + (r < G ? G + 4 : G + 5) * D;
+    const float f = rf[r];
+    auto normed = [&](int e) {
+      const float v = A::f(in[r * D + e]);
+      return nrm ? A::f(A::t(v * f * A::f(nw[e]))) : v;
+    };
+    const float v = normed(d), partner = d < half ? -normed(d + half) : normed(d - half);
+    const T o = A::t(A::f(A::t(v * A::f(cs[d]))) + A::f(A::t(partner * A::f(sn[d]))));
+    if (r < G) {
+      qs[i] = o;
+    } else {
+      ks[n_old * D + d] = o;
+      static_cast<T*>(a.k_cache)[((size_t)hk * a.cap + pos) * D + d] = o;
+    }
+  }
+  if (has_new)
+#pragma unroll 1
+    for (int d = tid; d < D; d += ATT_THREADS) {
+      const T v = in[(G + 1) * D + d];
+      vs[n_old * D + d] = v;
+      static_cast<T*>(a.v_cache)[((size_t)hk * a.cap + pos) * D + d] = v;
+    }
+  __syncthreads();
+
+  // 4. warp w: q head hk G + w over the chunk's n slots. A key's D elements are spread over LK = D / 8
+  //    lanes (8 each), KW = 32 / LK keys a step; an online softmax per lane group in fp32 (base 2),
+  //    the KW groups merged by shuffles at the end
+  const int LK = vpr, KW = 32 / LK, sub = lane >> lv, d0 = (lane & (LK - 1)) * 8;
+  float m = -INFINITY, l = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (warp < G) {
+    const float qscale = rsqrtf((float)D) * 1.4426950408889634f;  // SDPA's 1 / sqrt(D), for exp2
+    float q[8];
+    {
+      const uint4 qv = *reinterpret_cast<const uint4*>(qs + warp * D + d0);
+      const uint32_t w[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pair(w[e], q[2 * e], q[2 * e + 1], BF16);
+        q[2 * e] *= qscale;
+        q[2 * e + 1] *= qscale;
+      }
+    }
+#pragma unroll 1
+    for (int j0 = 0; j0 < n; j0 += ATT_KPT * KW) {
+      float s[ATT_KPT], mx = m;
+#pragma unroll
+      for (int u = 0; u < ATT_KPT; ++u) {
+        const int j = j0 + u * KW + sub;
+        const uint4 kv = j < n ? *reinterpret_cast<const uint4*>(ks + j * D + d0) : make_uint4(0, 0, 0, 0);
+        const uint32_t w[4] = {kv.x, kv.y, kv.z, kv.w};
+        float v = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float k0, k1;
+          pair(w[e], k0, k1, BF16);
+          v = fmaf(q[2 * e], k0, v);
+          v = fmaf(q[2 * e + 1], k1, v);
+        }
+        for (int off = LK >> 1; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        s[u] = j < n ? v : -INFINITY;
+        mx = fmaxf(mx, s[u]);
+      }
+      if (mx == -INFINITY) continue;  // none of this group's slots yet
+      const float corr = exp2f(m - mx);
+      m = mx;
+      l *= corr;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] *= corr;
+#pragma unroll
+      for (int u = 0; u < ATT_KPT; ++u) {
+        const int j = j0 + u * KW + sub;
+        const float p = exp2f(s[u] - mx);  // 0 past n
+        l += p;
+        const uint4 vv = j < n ? *reinterpret_cast<const uint4*>(vs + j * D + d0) : make_uint4(0, 0, 0, 0);
+        const uint32_t w[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v0, v1;
+          pair(w[e], v0, v1, BF16);
+          o[2 * e] = fmaf(p, v0, o[2 * e]);
+          o[2 * e + 1] = fmaf(p, v1, o[2 * e + 1]);
+        }
+      }
+    }
+#pragma unroll 1
+    for (int off = LK; off < 32; off <<= 1) {  // the KW groups of the warp
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
+      const float M = fmaxf(m, m2);
+      const float w1 = m == -INFINITY ? 0.f : exp2f(m - M), w2 = m2 == -INFINITY ? 0.f : exp2f(m2 - M);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = w1 * o[e] + w2 * __shfl_xor_sync(0xffffffffu, o[e], off);
+      l = w1 * l + w2 * l2;
+      m = M;
+    }
+  }
+  const int h = hk * G + warp;
+  if (a.splits == 1) {
+    if (warp < G && sub == 0) {
+      T* out = static_cast<T*>(a.out) + (size_t)h * D + d0;
+      const float r = 1.f / l;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] = A::t(o[e] * r);
+    }
+    return;
+  }
+  // 5. this chunk's partial (O [D], then M, L) per head into the workspace (wo [nh][splits][D], wml
+  //    [nh][splits][2] at nh MAX_SPLITS D); the head group's last chunk to arrive merges them in chunk
+  //    order (the split-K fixup's fence pattern)
+  float* wo = a.workspace;
+  float* wml = a.workspace + (size_t)a.nh * M3E_ATTN_MAX_SPLITS * D;
+  if (warp < G && sub == 0) {
+    float4* dst = reinterpret_cast<float4*>(wo + ((size_t)h * a.splits + split) * D + d0);
+    dst[0] = make_float4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_float4(o[4], o[5], o[6], o[7]);
+    if (lane == 0) reinterpret_cast<float2*>(wml)[(size_t)h * a.splits + split] = make_float2(m, l);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    s_last = atomicAdd(a.counters + hk, 1) == a.splits - 1;
+    if (s_last) a.counters[hk] = 0;
+    __threadfence();
+  }
+  __syncthreads();
+  if (!s_last) return;
+  const int S = a.splits;
+  float2* ml = reinterpret_cast<float2*>(kvs);                         // [G][S] (M, L) of each chunk
+  float* wt = reinterpret_cast<float*>(kvs) + 2 * ATT_MAXG * M3E_ATTN_MAX_SPLITS;  // [G][S] weight / L
+#pragma unroll 1
+  for (int i = tid; i < G * S; i += ATT_THREADS) ml[i] = __ldcg(reinterpret_cast<const float2*>(wml) + (size_t)hk * G * S + i);
+  __syncthreads();
+  if (warp < G) {
+    float M = -INFINITY, L = 0.f;
+#pragma unroll 1
+    for (int s = lane; s < S; s += 32) M = fmaxf(M, ml[warp * S + s].x);
+    for (int off = 16; off; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+#pragma unroll 1
+    for (int s = lane; s < S; s += 32) {
+      const float2 v = ml[warp * S + s];
+      L += v.x == -INFINITY ? 0.f : exp2f(v.x - M) * v.y;
+    }
+    for (int off = 16; off; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+#pragma unroll 1
+    for (int s = lane; s < S; s += 32) {
+      const float mx = ml[warp * S + s].x;
+      wt[warp * S + s] = mx == -INFINITY ? 0.f : exp2f(mx - M) / L;
+    }
+  }
+  __syncthreads();
+  constexpr int B = 8;  // chunks whose partials a thread loads together
+#pragma unroll 1
+  for (int f = tid; f < G * D / 4; f += ATT_THREADS) {
+    const int g = (f * 4) >> ld, d = (f * 4) & (D - 1);
+    const float4* src = reinterpret_cast<const float4*>(wo + (size_t)(hk * G + g) * S * D + d);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+    for (int s0 = 0; s0 < S; s0 += B) {
+      float4 v[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) v[b] = s0 + b < S ? __ldcg(src + (size_t)(s0 + b) * (D / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float w = s0 + b < S ? wt[g * S + s0 + b] : 0.f;
+        if (w != 0.f) {  // a chunk past pos: M = -inf, weight 0 (its O is not read)
+          acc.x = fmaf(w, v[b].x, acc.x);
+          acc.y = fmaf(w, v[b].y, acc.y);
+          acc.z = fmaf(w, v[b].z, acc.z);
+          acc.w = fmaf(w, v[b].w, acc.w);
+        }
+      }
+    }
+    T* out = static_cast<T*>(a.out) + (size_t)(hk * G + g) * D + d;
+    out[0] = A::t(acc.x);
+    out[1] = A::t(acc.y);
+    out[2] = A::t(acc.z);
+    out[3] = A::t(acc.w);
+  }
+}
+
 }  // namespace ops
 }  // namespace m3e
 
@@ -317,5 +588,42 @@ extern "C" int m3e_rope_qkv(const m3e_rope_args* a, void* stream) {
   const cudaError_t e = a->act_bf16
                             ? m3e::launch_kernel(m3e::ops::rope_qkv_kernel<true>, grid, dim3(a->D), 0, s, pdl == 1, *a)
                             : m3e::launch_kernel(m3e::ops::rope_qkv_kernel<false>, grid, dim3(a->D), 0, s, pdl == 1, *a);
+  return e == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
+}
+
+extern "C" int m3e_attn_plan(int keys, int D, int* splits, int* chunk) {
+  if (!splits || !chunk) return M3E_ERR_ARG;
+  if (keys < 1 || (D != 32 && D != 64 && D != 128 && D != 256)) return M3E_ERR_SHAPE;
+  // about 16 chunks a kv head, of 16 to 8192 / D slots (a chunk's K and V fill at most 32 KB of
+  // shared memory), so at most M3E_ATTN_MAX_SPLITS x 8192 / D slots
+  const int most = m3e::ops::ATT_KV_BYTES / (4 * D);
+  int c = ((keys + 15) / 16 + 15) / 16 * 16;
+  c = c < 16 ? 16 : c > most ? most : c;
+  const int n = (keys + c - 1) / c;
+  if (n > M3E_ATTN_MAX_SPLITS) return M3E_ERR_SHAPE;
+  *chunk = c;
+  *splits = n;
+  return M3E_OK;
+}
+
+extern "C" int m3e_attn_decode(const m3e_attn_args* a, void* stream) {
+  if (!a || !a->qkv || !a->cos || !a->sin || !a->out || !a->k_cache || !a->v_cache) return M3E_ERR_ARG;
+  if (a->nh < 1 || a->nkv < 1 || a->nh % a->nkv || a->nh / a->nkv > m3e::ops::ATT_MAXG || a->cap < 1 ||
+      a->keys < 1 || a->keys > a->cap || (a->D != 32 && a->D != 64 && a->D != 128 && a->D != 256))
+    return M3E_ERR_SHAPE;
+  int splits = 0, chunk = 0;
+  if (int rc = m3e_attn_plan(a->keys, a->D, &splits, &chunk); rc != M3E_OK) return rc;
+  if (a->splits != splits || a->chunk != chunk) return M3E_ERR_ARG;
+  if (splits > 1 && (!a->workspace || !a->counters)) return M3E_ERR_WORKSPACE;
+  if (!a->pos_dev && (a->pos0 < 0 || a->pos0 >= a->keys)) return M3E_ERR_SHAPE;
+  if ((reinterpret_cast<uintptr_t>(a->qkv) | reinterpret_cast<uintptr_t>(a->k_cache) |
+       reinterpret_cast<uintptr_t>(a->v_cache)) & 15)
+    return M3E_ERR_ALIGN;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int pdl = m3e::pdl_capable();
+  if (pdl < 0) return M3E_ERR_CUDA;
+  const dim3 grid(a->nkv, splits), block(m3e::ops::ATT_THREADS);
+  const cudaError_t e = a->act_bf16 ? m3e::launch_kernel(m3e::ops::attn_decode_kernel<true>, grid, block, 0, s, pdl == 1, *a)
+                                    : m3e::launch_kernel(m3e::ops::attn_decode_kernel<false>, grid, block, 0, s, pdl == 1, *a);
   return e == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }

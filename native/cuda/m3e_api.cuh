@@ -179,6 +179,35 @@ typedef struct {
 
 int m3e_rope_qkv(const m3e_rope_args* args, void* stream);
 
+// Batch-1 decode attention in one launch: the new token's q / k RMS norm and RoPE as m3e_rope_qkv
+// computes them, k and v written into the layer's cache at slot pos, and softmax(q k^T / sqrt(D)) v
+// over the slots 0..pos (GQA: q head h reads kv head h / (nh / nkv)), out [nh, D] rounded once. The
+// slots are cut into `splits` chunks of `chunk` (m3e_attn_plan); one CTA per (kv head, chunk), one warp
+// per q head; with more than one chunk, each CTA leaves its softmax partial in the workspace and the
+// kv head's last CTA merges them in chunk order (deterministic). D in {32, 64, 128, 256}, nh / nkv <= 8,
+// keys <= M3E_ATTN_MAX_SPLITS x 8192 / D.
+typedef struct {
+  const void* qkv;             // [(nh + 2 nkv) D]: q heads, k heads, v heads
+  const void* q_norm;          // [D] or NULL
+  const void* k_norm;          // [D] or NULL
+  const void* cos;             // [D]
+  const void* sin;             // [D]
+  void* out;                   // [nh, D]
+  void* k_cache;               // [nkv, cap, D]
+  void* v_cache;               // [nkv, cap, D]
+  const int64_t* pos_dev;      // [1] or NULL (then pos0); the slot of the new token, < keys
+  float* workspace;            // nh M3E_ATTN_MAX_SPLITS (D + 2) floats when splits > 1
+  int* counters;               // [nkv], zero before the call (left zero)
+  int pos0, keys, splits, chunk, nh, nkv, D, cap, act_bf16;
+  float eps;
+} m3e_attn_args;
+
+// The chunking for `keys` slots (the largest position + 1 the launch may see); M3E_ERR_SHAPE past
+// M3E_ATTN_MAX_SPLITS chunks.
+#define M3E_ATTN_MAX_SPLITS 256
+int m3e_attn_plan(int keys, int D, int* splits, int* chunk);
+int m3e_attn_decode(const m3e_attn_args* args, void* stream);
+
 #ifdef __cplusplus
 }
 #endif
