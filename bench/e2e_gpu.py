@@ -163,15 +163,21 @@ def decode_rate(be: CudaBackend, cache, logits, pos: int):
     return step_tps, s.elapsed_time(e) * 1e3 / STEPS, logits, pos
 
 
-def set_attn_kernel(be: CudaBackend, on: bool) -> None:
-    """The decode attention kernel (native.attn_decode) on, or off (rope_qkv + SDPA); graphs captured
-    before keep what they captured (clear them)."""
+def set_feature(be: CudaBackend, name: str, on: bool) -> None:
+    """A decode fusion on or off for the A/B rows: "attn" the one-launch attention (native.attn_decode;
+    off: rope_qkv + SDPA), "norm" the input RMSNorm in the qkv GEMM (off: its own launch). Graphs
+    captured before keep what they captured (clear them)."""
     for layer in be.model.layers:
-        if hasattr(layer.self_attn, "attn_kernel"):
-            layer.self_attn.attn_kernel = on
+        a = layer.self_attn
+        if name == "attn" and hasattr(a, "attn_kernel"):
+            a.attn_kernel = on
+        elif name == "norm" and hasattr(a, "qkv"):
+            if not hasattr(a.qkv, "_norm_at_one"):
+                a.qkv._norm_at_one = a.qkv.norm_at_one
+            a.qkv.norm_at_one = on and a.qkv._norm_at_one
 
 
-def run_cuda(name: str, be: CudaBackend, bw: float, ab_attn: bool = False) -> dict:
+def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = ()) -> dict:
     cfg = be.cfg
     cache = be.new_cache()
     prompt = text_prompt(cfg, 32)
@@ -183,13 +189,13 @@ def run_cuda(name: str, be: CudaBackend, bw: float, ab_attn: bool = False) -> di
 
     row = {"model": name, "backend": "cuda int4", "graph_tps": 1e6 / graph_us, "step_tps": step_tps,
            "roofline_tps": roof, "bytes_per_token": nbytes, "graph_us": graph_us}
-    if ab_attn:  # the same cache and positions on, with rope_qkv + SDPA instead of the attention kernel
-        set_attn_kernel(be, False)
+    for feature in ab:  # the same cache and positions on, with one fusion off
+        set_feature(be, feature, False)
         cache.graphs.clear()
-        sdpa_step, sdpa_us, logits, pos = decode_rate(be, cache, logits, pos)
-        set_attn_kernel(be, True)
+        off_step, off_us, logits, pos = decode_rate(be, cache, logits, pos)
+        set_feature(be, feature, True)
         cache.graphs.clear()
-        row.update(graph_tps_sdpa=1e6 / sdpa_us, step_tps_sdpa=sdpa_step)
+        row[f"without_{feature}"] = {"graph_tps": 1e6 / off_us, "step_tps": off_step}
     if cfg.vision_config is not None:
         mp, frontend_s = media_prompt(cfg)
         tt = []
@@ -351,8 +357,9 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
-    ap.add_argument("--ab-attn", action="store_true",
-                    help="also time decode with rope_qkv + SDPA in place of the decode attention kernel")
+    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm"],
+                    help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
+                         "decode attention kernel, norm = the input RMSNorm in its own launch")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--profile-prefill", action="store_true", help="only list the kernels of the TTFT prefill")
     ap.add_argument("--load", type=Path, metavar="WORK_DIR",
@@ -379,7 +386,7 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         load_peak = torch.cuda.max_memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()  # the run's peak from here: weights + cache + scratch
-        row = run_cuda(preset, be, bw, args.ab_attn)
+        row = run_cuda(preset, be, bw, args.ab)
         row.update(load_s=load_s, load_peak_gib=load_peak, plan_gib=be.plan.total / GIB)
         rows.append(row)
         print(row, flush=True)
@@ -414,9 +421,11 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['backend']} | {num(r['graph_tps'])} | {num(r['step_tps'])} | {num(roof)} | "
                      f"{pct} | {mb} | {ttft} | {vram} |")
     for r in rows:
-        if "graph_tps_sdpa" in r:
-            lines.append(f"\n{r['model']} decode tok/s (graph / step): attention kernel {r['graph_tps']:.0f} / "
-                         f"{r['step_tps']:.0f}, rope_qkv + SDPA {r['graph_tps_sdpa']:.0f} / {r['step_tps_sdpa']:.0f}")
+        for feature in args.ab:
+            if f"without_{feature}" in r:
+                off = r[f"without_{feature}"]
+                lines.append(f"\n{r['model']} decode tok/s (graph / step): all fusions {r['graph_tps']:.0f} / "
+                             f"{r['step_tps']:.0f}, without {feature} {off['graph_tps']:.0f} / {off['step_tps']:.0f}")
     table = "\n".join(lines)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -98,10 +98,12 @@ void ensure_workspace(int dev, size_t floats, int counters, const at::TensorOpti
 // out[M, N] = x[M, K] @ W^T. w int32 [N/16, K/64, 32, 4]; scales fp16/bf16 [N/16, G, 16]; mins
 // (float-minimum form) like scales; zeros uint8 [N/16, G, 16] (zero point + 8); group 32/64/128 or -1.
 // splits 0 and n_tile 0 = the plan's choice; n_tile 16/32/64 forces the decode kernel (M <= 8), 128
-// the tile kernel.
+// the tile kernel. norm_w [K] (x's dtype): x's rows RMS-normed with it first (eps norm_eps), which
+// needs the plan's decode kernel with one K slice.
 std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& zeros, at::Tensor& out,
-                int64_t group, int64_t splits, int64_t n_tile) {
+                int64_t group, int64_t splits, int64_t n_tile, const c10::optional<at::Tensor>& norm_w,
+                double norm_eps) {
   CHECK_ARG(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [M, K], got ", desc(x));
   const int64_t M = x.size(0), K = x.size(1);
   CHECK_ARG(M >= 1, "x [M, K] needs M >= 1, got ", desc(x));
@@ -136,9 +138,12 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             "n_tile must be 0 (automatic), 16, 32, 64 (decode kernel) or 128 (tile kernel), got ", n_tile);
   CHECK_ARG(n_tile == 0 || n_tile == 128 || M <= 8, "the decode kernel (n_tile ", n_tile,
             ") takes M <= 8, got x ", desc(x));
+  CHECK_ARG(!norm_w || (norm_w->dim() == 1 && norm_w->size(0) == K && norm_w->scalar_type() == x.scalar_type()),
+            "norm_w must be [", K, "] of x's dtype, got ", desc(*norm_w));
   std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"scales", &scales}, {"out", &out}};
   if (mins) all.push_back({"mins", &*mins});
   if (zeros) all.push_back({"zeros", &*zeros});
+  if (norm_w) all.push_back({"norm_w", &*norm_w});
   if (auto e = check_all("w4a16_gemm", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: w4a16_gemm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -153,6 +158,9 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   int rc = m3e_w4a16_plan((int)M, (int)N, (int)K, group == -1 ? 0 : (int)group, mins || zeros, sms, (int)splits,
                           (int)n_tile, &plan);
   if (rc != M3E_OK) return cat("value: w4a16_gemm plan for x ", desc(x), ", w ", desc(w), ": ", m3e_error_string(rc));
+  CHECK_ARG(!norm_w || (plan.n_tile != 128 && plan.splits == 1), "a fused RMSNorm needs the decode kernel with one K ",
+            "slice, and the plan for x ", desc(x), ", w ", desc(w), " is n_tile ", plan.n_tile, ", ", plan.splits,
+            " slices");
   ensure_workspace(dev, plan.workspace_floats, plan.n_counters, x.options());
   m3e_w4a16_args a;
   a.x = x.data_ptr();
@@ -173,6 +181,8 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   a.out_f32 = out.scalar_type() == at::kFloat;
   a.splits = plan.splits;
   a.n_tile = plan.n_tile;
+  a.norm_w = norm_w ? reinterpret_cast<const uint16_t*>(norm_w->data_ptr()) : nullptr;
+  a.norm_eps = (float)norm_eps;
   rc = m3e_w4a16_gemm(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "w4a16_gemm(x ", desc(x), ", w ", desc(w), ", group ",
@@ -612,7 +622,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm", &w4a16_gemm,
         "out[M, N] = x[M, K] @ W^T, W int4 repacked (native/cuda/w4a16.cuh); returns an error message or ''",
         py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("mins"), py::arg("zeros"), py::arg("out"),
-        py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0);
+        py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0, py::arg("norm_w") = py::none(),
+        py::arg("norm_eps") = 1e-6);
   m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
         py::arg("sms") = 132, py::arg("n_tile") = 0, py::arg("group") = 128, py::arg("affine") = false);
   m.def("moe_w4a16", &moe_w4a16,

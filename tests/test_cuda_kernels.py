@@ -154,6 +154,7 @@ def _args(M=3, N=128, K=256, group=64, dtype=torch.float16, **over):
     ({"n_tile": 48}, r"n_tile must be 0 \(automatic\), 16, 32, 64 \(decode kernel\) or 128 \(tile kernel\), got 48"),
     ({"x": torch.zeros(9, 256, dtype=torch.float16), "out": torch.zeros(9, 128, dtype=torch.float16), "n_tile": 16},
      r"decode kernel \(n_tile 16\) takes M <= 8, got x \[9, 256\]"),
+    ({"norm_w": torch.zeros(100, dtype=torch.float16)}, r"norm_w must be \[256\] of x's dtype, got \[100\] Half"),
     ({}, r"x \[3, 256\] Half is on cpu; every tensor must be on the same CUDA device"),
 ])
 def test_binder_checks_name_the_shapes(checks, over, pattern):
@@ -300,3 +301,34 @@ def test_w4a16_errors_name_shapes_on_gpu(ext):
         native.w4a16_gemm(torch.zeros(2 * 256 + 1, device="cuda", dtype=torch.float16)[1:].view(2, 256), wt)
     with pytest.raises(ValueError, match="same CUDA device"):
         native.w4a16_gemm(torch.zeros(2, 256, dtype=torch.float16), wt)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("M,n,k,group", [(1, 5120, 4096, 128), (3, 2048, 1024, 32), (8, 4096, 576, 64)])
+def test_w4a16_fused_rmsnorm(ext, M, n, k, group, kind, act):
+    """The decode GEMM with the RMSNorm of x in its prologue (M3-Lite's q/k/v shape first) against
+    native.rmsnorm and then the GEMM: the same result up to normed elements that round the other way
+    (the sum of squares runs in another order), x itself untouched; a plan with split-K refuses the norm
+    in one sentence, and fuses_norm says so beforehand."""
+    tensors, scheme = _make_linear(n, k, group, kind, torch.bfloat16, seed=3)
+    wt = native.repack({name: v.cuda() for name, v in tensors.items()}, scheme)
+    assert native.fuses_norm(wt, M, "cuda")
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    x = (3 * torch.randn(M, k, device="cuda", generator=g)).to(act)
+    w = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).to(act)
+    x0 = x.clone()
+    fused = torch.full((M, n), float("nan"), device="cuda")
+    native.w4a16_gemm(x, wt, out=fused, norm=(w, 1e-6))
+    assert torch.equal(x, x0)
+    ref = native.w4a16_gemm(native.rmsnorm(x, w, 1e-6), wt, out=torch.empty(M, n, device="cuda"))
+    assert _rel_err(fused, ref) < 1e-3
+
+    small, scheme = _make_linear(64, 4096, 128, "sym", torch.bfloat16, seed=4)
+    wt = native.repack({name: v.cuda() for name, v in small.items()}, scheme)
+    assert not native.fuses_norm(wt, 1, "cuda")  # 4 CTAs of N: the plan cuts K into slices
+    with pytest.raises(ValueError, match=r"fused RMSNorm needs the decode kernel with one K slice.*slices"):
+        native.w4a16_gemm(torch.ones(1, 4096, device="cuda", dtype=act), wt, norm=(torch.ones(4096, device="cuda",
+                                                                                           dtype=act), 1e-6))

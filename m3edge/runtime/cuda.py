@@ -151,9 +151,11 @@ class W4Linear(nn.Module):
     def __init__(self, wt: native.W4Weights, bias: torch.Tensor | None):
         super().__init__()
         self.wt, self.bias = wt, bias  # plain attributes: to_empty / .to(dtype) leave them alone
+        self.norm_at_one = False  # build_model: whether one token's GEMM can run its input's RMSNorm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native.w4a16_gemm(x.contiguous(), self.wt)
+    def forward(self, x: torch.Tensor, norm: "FastRMSNorm | None" = None) -> torch.Tensor:
+        """With `norm` (one token, norm_at_one): y = norm(x) W^T (+ b), the norm in the GEMM's prologue."""
+        y = native.w4a16_gemm(x.contiguous(), self.wt, norm=None if norm is None else (norm.weight, norm.eps))
         return y if self.bias is None else y + self.bias
 
 
@@ -262,14 +264,15 @@ class FusedQKVAttention(Attention):
     def project(self, x: torch.Tensor):
         return self.qkv(x).split(self.sizes, dim=-1)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, norm: FastRMSNorm | None = None):
         """With the backend's cache: one token in one kernel (native.attn_decode: q/k norm, RoPE, cache
         write and attention), several through native.rope_qkv (the q/k/v epilogue, writing the cache)
-        and SDPA; otherwise the reference's forward over `project`."""
+        and SDPA; otherwise the reference's forward over `project`. With `norm` (one token, the qkv
+        GEMM's norm_at_one), x is the layer's input before its norm, which runs in the GEMM."""
         if not isinstance(cache, StaticKVCache) or self.hd % 32:
-            return super().forward(x, cos, sin, mask, cache)
+            return super().forward(x if norm is None else norm(x), cos, sin, mask, cache)
         B, S, _ = x.shape
-        y = self.qkv(x).view(S, -1)
+        y = self.qkv(x, norm).view(S, -1)
         kb, vb = cache.kbuf[self.layer, 0], cache.vbuf[self.layer, 0]  # [nkv, cap, D]
         graph = cache.graph_keys is not None
         keys = cache.graph_keys if graph else cache.n + S
@@ -367,7 +370,8 @@ class NativeLayer(nn.Module):
     """A decoder layer whose residual adds ride in other launches: attention's output is added to
     the stream by the second norm's kernel (native.rmsnorm with a residual), and the MLP's by the
     fused MoE pair's down epilogue. Two elementwise launches a layer fewer than the reference's
-    `h + ...` twice; the same arithmetic (each sum rounded once to the activation dtype)."""
+    `h + ...` twice; the same arithmetic (each sum rounded once to the activation dtype). At one
+    token the input norm runs in the qkv GEMM's prologue where its plan allows (W4Linear.norm_at_one)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -375,7 +379,12 @@ class NativeLayer(nn.Module):
         self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
 
     def forward(self, h, cos, sin, mask, cache, modality, fusion_ok):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        attn, norm = self.self_attn, self.input_layernorm
+        if (h.shape[0] * h.shape[1] == 1 and isinstance(attn, FusedQKVAttention) and attn.qkv.norm_at_one
+                and isinstance(norm, FastRMSNorm) and norm.takes(h)):
+            a = attn(h, cos, sin, mask, cache, norm=norm)  # the input norm in the qkv GEMM: one launch fewer
+        else:
+            a = attn(norm(h), cos, sin, mask, cache)
         norm = self.post_attention_layernorm
         if isinstance(norm, FastRMSNorm) and norm.takes(a) and norm.takes(h):
             x2 = native.rmsnorm(a, norm.weight, norm.eps, residual=h)  # a becomes h + a
@@ -592,10 +601,12 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
             mod.prepare()
     ws = None
     for i, layer in enumerate(model.layers):
-        if isinstance(layer.self_attn, FusedQKVAttention) and layer.self_attn.attn_kernel:
+        if isinstance(layer.self_attn, FusedQKVAttention):
             a = layer.self_attn
-            ws = ws or native.attn_workspace(a.nh, a.nkv, a.hd, device)
-            a.workspace = ws
+            a.qkv.norm_at_one = native.fuses_norm(a.qkv.wt, 1, device)
+            if a.attn_kernel:
+                ws = ws or native.attn_workspace(a.nh, a.nkv, a.hd, device)
+                a.workspace = ws
         model.layers[i] = NativeLayer(layer)
     return model.eval()
 

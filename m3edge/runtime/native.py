@@ -229,16 +229,27 @@ def repack(tensors: dict[str, torch.Tensor], scheme: Scheme) -> W4Weights:
 
 
 def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, splits: int = 0,
-               n_tile: int = 0) -> torch.Tensor:
+               n_tile: int = 0, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x [..., K] fp16/bf16 -> [..., N] = x @ W^T (fp32 accumulation, group scales applied in fp32).
     `out` may be given ([M, N], x's dtype or float32 for the unrounded result). splits and n_tile
-    override the plan (0 = its choice): n_tile 16/32/64 is the decode kernel (M <= 8), 128 the tiles."""
+    override the plan (0 = its choice): n_tile 16/32/64 is the decode kernel (M <= 8), 128 the tiles.
+    norm (weight [K], eps): x's rows RMS-normed first in the kernel's prologue, as rmsnorm() would
+    (where `fuses_norm` says the plan allows it)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = torch.empty(x2.shape[0], wt.n, dtype=x.dtype, device=x.device)
-    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile))
+    nw, eps = norm if norm is not None else (None, 1e-6)
+    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile, nw, eps))
     return out.reshape(*lead, wt.n)
+
+
+def fuses_norm(wt: W4Weights, M: int, device) -> bool:
+    """Whether w4a16_gemm takes `norm` for M rows of this weight on `device` (the plan's decode kernel
+    with one K slice: every CTA holds whole rows of x)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    plan = load().w4a16_plan(M, wt.n, wt.k, 0, sms, 0, wt.group, wt.mins is not None or wt.zeros is not None)
+    return bool(plan) and plan[5] != 128 and plan[1] == 1
 
 
 @dataclass

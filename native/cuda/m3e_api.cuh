@@ -49,6 +49,11 @@ typedef struct {
   int out_f32;  // out is fp32 [M, N] (else the activations' type)
   int splits;   // from m3e_w4a16_plan
   int n_tile;   // from m3e_w4a16_plan: 128 = the mma tile kernel, 16/32/64 = the decode kernel
+  // RMSNorm fused into the prologue (NULL: none): each row of x is used as x * rsqrt(mean(x^2) + eps) *
+  // norm_w rounded once to the activations' type (m3e_rmsnorm's arithmetic, the sum in another order).
+  // The decode kernel with one K slice only (the CTA must hold the whole row), else M3E_ERR_ARG.
+  const uint16_t* norm_w;  // [K], the activations' type
+  float norm_eps;
 } m3e_w4a16_args;
 
 typedef struct {

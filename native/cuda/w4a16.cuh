@@ -77,6 +77,8 @@ struct Params {
   int scale_bf16, splits, cps;  // cps: K per split, in 128-k chunks (tiles) or 64-k blocks (decode)
   int out_f32;                   // out is fp32 (else the activations' 16-bit type)
   int pdl;                       // decode GEMM: launched as a programmatic dependent (sm_90)
+  const uint16_t* norm_w;        // decode GEMM, one K slice: RMSNorm of x's rows first (m3e_w4a16_args)
+  float norm_eps;
   // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
   // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
   int ns, wk_shift, xstride, gs, sm_meta, sm_raw_s, sm_raw_2, sm_ring;
@@ -107,6 +109,39 @@ static inline int group_shift(int group) {
 }
 
 static inline bool misaligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; }
+
+// Eight 16-bit activations (a 16-byte vector): the sum of a_i b_i in fp32, and a_i r b_i rounded once
+// each to the activations' type (the fused RMSNorm: m3e_rmsnorm's arithmetic).
+template <bool BF16>
+__device__ __forceinline__ float dot8_bits(uint4 a, uint4 b) {
+  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    s = fmaf(bits_to_float(av[j] & 0xffffu, BF16), bits_to_float(bv[j] & 0xffffu, BF16), s);
+    s = fmaf(bits_to_float(av[j] >> 16, BF16), bits_to_float(bv[j] >> 16, BF16), s);
+  }
+  return s;
+}
+template <bool BF16>
+__device__ __forceinline__ uint32_t float_to_bits(float v) {
+  if constexpr (BF16)
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  else
+    return __half_as_ushort(__float2half_rn(v));
+}
+template <bool BF16>
+__device__ __forceinline__ uint4 scale8_bits(uint4 a, uint4 b, float r) {
+  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t lo = float_to_bits<BF16>(bits_to_float(av[j] & 0xffffu, BF16) * r * bits_to_float(bv[j] & 0xffffu, BF16));
+    const uint32_t hi = float_to_bits<BF16>(bits_to_float(av[j] >> 16, BF16) * r * bits_to_float(bv[j] >> 16, BF16));
+    o[j] = lo | hi << 16;
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
 
 template <bool BF16>
 __device__ __forceinline__ void store(const Params& p, size_t i, float v) {

@@ -193,6 +193,38 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     cp_async_wait<DU>();
   }
   __syncthreads();
+  if constexpr (EPI == EPI_GEMM) {
+    if (p.norm_w) {  // the fused RMSNorm: the whole row is here (one K slice); m3e_rmsnorm's arithmetic
+      __shared__ float s_ss[DECODE_MAX_M][DWARPS];
+      const int nv = K / 8;  // 16-byte vectors of a row
+      const uint4* nw = reinterpret_cast<const uint4*>(p.norm_w);
+#pragma unroll 1
+      for (int r = 0; r < rows; ++r) {
+        float ss = 0.f;
+#pragma unroll 1
+        for (int v = tid; v < nv; v += DTHREADS) {
+          const uint4 xv = lds_u4(sb + (r * xstride + v * 8) * 2);
+          ss += dot8_bits<BF16>(xv, xv);
+        }
+        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) s_ss[r][warp] = ss;
+      }
+      __syncthreads();
+#pragma unroll 1
+      for (int r = 0; r < rows; ++r) {
+        float ss = 0.f;
+#pragma unroll
+        for (int w = 0; w < DWARPS; ++w) ss += s_ss[r][w];
+        const float rr = rsqrtf(ss / K + p.norm_eps);
+#pragma unroll 1
+        for (int v = tid; v < nv; v += DTHREADS) {
+          const uint32_t a = sb + (r * xstride + v * 8) * 2;
+          sts_u4(a, scale8_bits<BF16>(lds_u4(a), __ldg(nw + v), rr));
+        }
+      }
+      // (the barrier after the scale expansion below orders these writes before the K loop's reads)
+    }
+  }
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)
 #pragma unroll 1
