@@ -165,9 +165,14 @@ def decode_rate(be: CudaBackend, cache, logits, pos: int):
 
 def set_feature(be: CudaBackend, name: str, on: bool) -> None:
     """A decode fusion on or off for the A/B rows: "attn" the one-launch attention (native.attn_decode;
-    off: rope_qkv + SDPA), "norm" the input RMSNorm in the qkv GEMM (off: its own launch). Graphs
-    captured before keep what they captured (clear them)."""
+    off: rope_qkv + SDPA), "norm" the input RMSNorm in the qkv GEMM (off: its own launch), "post"
+    attention's residual add in the o GEMM and the second norm in routing and gate+up (off: one
+    norm-and-add launch). Graphs captured before keep what they captured (clear them)."""
     for layer in be.model.layers:
+        if name == "post":
+            if not hasattr(layer, "_fuse_post"):
+                layer._fuse_post = layer.fuse_post
+            layer.fuse_post = on and layer._fuse_post
         a = layer.self_attn
         if name == "attn" and hasattr(a, "attn_kernel"):
             a.attn_kernel = on
@@ -357,9 +362,10 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
-    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm"],
+    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post"],
                     help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
-                         "decode attention kernel, norm = the input RMSNorm in its own launch")
+                         "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
+                         "norm and attention's residual add in their own launch")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--profile-prefill", action="store_true", help="only list the kernels of the TTFT prefill")
     ap.add_argument("--load", type=Path, metavar="WORK_DIR",

@@ -103,7 +103,7 @@ void ensure_workspace(int dev, size_t floats, int counters, const at::TensorOpti
 std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& zeros, at::Tensor& out,
                 int64_t group, int64_t splits, int64_t n_tile, const c10::optional<at::Tensor>& norm_w,
-                double norm_eps) {
+                double norm_eps, const c10::optional<at::Tensor>& residual) {
   CHECK_ARG(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [M, K], got ", desc(x));
   const int64_t M = x.size(0), K = x.size(1);
   CHECK_ARG(M >= 1, "x [M, K] needs M >= 1, got ", desc(x));
@@ -140,10 +140,15 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             ") takes M <= 8, got x ", desc(x));
   CHECK_ARG(!norm_w || (norm_w->dim() == 1 && norm_w->size(0) == K && norm_w->scalar_type() == x.scalar_type()),
             "norm_w must be [", K, "] of x's dtype, got ", desc(*norm_w));
+  CHECK_ARG(!residual || (residual->sizes() == out.sizes() && residual->scalar_type() == x.scalar_type() &&
+                          out.scalar_type() == x.scalar_type()),
+            "residual must be [", M, ", ", N, "] of x's dtype with an out of x's dtype, got residual ",
+            desc(*residual), ", out ", desc(out));
   std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"scales", &scales}, {"out", &out}};
   if (mins) all.push_back({"mins", &*mins});
   if (zeros) all.push_back({"zeros", &*zeros});
   if (norm_w) all.push_back({"norm_w", &*norm_w});
+  if (residual) all.push_back({"residual", &*residual});
   if (auto e = check_all("w4a16_gemm", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: w4a16_gemm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -183,6 +188,7 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   a.n_tile = plan.n_tile;
   a.norm_w = norm_w ? reinterpret_cast<const uint16_t*>(norm_w->data_ptr()) : nullptr;
   a.norm_eps = (float)norm_eps;
+  a.residual = residual ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   rc = m3e_w4a16_gemm(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "w4a16_gemm(x ", desc(x), ", w ", desc(w), ", group ",
@@ -213,7 +219,8 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
                       const c10::optional<at::Tensor>& zp_gu, const at::Tensor& w_dn, const at::Tensor& s_dn,
                       const c10::optional<at::Tensor>& mn_dn, const c10::optional<at::Tensor>& zp_dn, at::Tensor& out,
                       int64_t group, int64_t ns_gu, int64_t ns_dn, int64_t mma_rows,
-                      const c10::optional<at::Tensor>& residual) {
+                      const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& norm_w,
+                      double norm_eps) {
   CHECK_MOE(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ", desc(x));
   const int64_t T = x.size(0), H = x.size(1);
   CHECK_MOE(T >= 1 && H % 64 == 0 && H > 0, "x [T, H] needs T >= 1 and H a multiple of 64, got ", desc(x));
@@ -269,6 +276,10 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
             "out must be [", T, ", ", H, "] ", c10::toString(x.scalar_type()), " or Float, got ", desc(out));
   CHECK_MOE(!residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
             "residual must be like x ", desc(x), ", got ", residual ? desc(*residual) : std::string());
+  CHECK_MOE(!norm_w || (norm_w->dim() == 1 && norm_w->size(0) == x.size(1) && norm_w->scalar_type() == x.scalar_type()),
+            "norm_w must be [", x.size(1), "] of x's dtype, got ", desc(*norm_w));
+  CHECK_MOE(!norm_w || (x.size(0) == 1 && mma_rows <= 0), "a fused RMSNorm takes one token on the decode kernel, got x ",
+            desc(x), " and mma_rows ", mma_rows);
   CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
             "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
   CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
@@ -283,6 +294,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   if (mn_gu) all.insert(all.end(), {{"gate_up.mins", &*mn_gu}, {"down.mins", &*mn_dn}});
   if (zp_gu) all.insert(all.end(), {{"gate_up.zeros", &*zp_gu}, {"down.zeros", &*zp_dn}});
   if (residual) all.push_back({"residual", &*residual});
+  if (norm_w) all.push_back({"norm_w", &*norm_w});
   if (auto e = check_all("moe_w4a16", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: moe_w4a16: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -335,6 +347,8 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   a.ns_dn = (int)ns_dn;
   a.mma_rows = (int)mma_rows;
   a.residual = residual ? residual->data_ptr() : nullptr;
+  a.norm_w = norm_w ? norm_w->data_ptr() : nullptr;
+  a.norm_eps = (float)norm_eps;
   rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
@@ -356,7 +370,8 @@ std::string run_status(const char* op, int rc) {
 // int64 [T], fusion_ok bool [T] -> ids int32 / weights fp32 [T, k (+1 with extra_id >= 0)].
 std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at::Tensor& modality,
                        const at::Tensor& fusion_ok, at::Tensor& ids, at::Tensor& weights, int64_t k, int64_t n_fusion,
-                       bool norm_topk, int64_t extra_id, double scale) {
+                       bool norm_topk, int64_t extra_id, double scale, const c10::optional<at::Tensor>& norm_w,
+                       double norm_eps) {
   CHECK_OP("route_topk", x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ",
            desc(x));
   const int64_t T = x.size(0), H = x.size(1);
@@ -377,14 +392,19 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   CHECK_OP("route_topk", weights.dim() == 2 && weights.size(0) == T && weights.size(1) == width &&
                weights.scalar_type() == at::kFloat,
            "weights must be float32 [", T, ", ", width, "], got ", desc(weights));
-  if (auto e = check_all("route_topk", {{"x", &x}, {"routers", &routers}, {"modality", &modality},
-                                        {"fusion_ok", &fusion_ok}, {"ids", &ids}, {"weights", &weights}});
-      !e.empty())
-    return e;
+  CHECK_OP("route_topk", !norm_w || (norm_w->dim() == 1 && norm_w->size(0) == H && norm_w->scalar_type() == x.scalar_type()),
+           "norm_w must be [", H, "] of x's dtype, got ", desc(*norm_w));
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {
+      {"x", &x}, {"routers", &routers}, {"modality", &modality}, {"fusion_ok", &fusion_ok}, {"ids", &ids},
+      {"weights", &weights}};
+  if (norm_w) all.push_back({"norm_w", &*norm_w});
+  if (auto e = check_all("route_topk", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: route_topk: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
-  for (auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"x", &x}, {"routers", &routers}})
+  std::vector<std::pair<const char*, const at::Tensor*>> vectors = {{"x", &x}, {"routers", &routers}};  // 16-byte loads
+  if (norm_w) vectors.push_back({"norm_w", &*norm_w});
+  for (auto& [name, t] : vectors)
     CHECK_OP("route_topk", (reinterpret_cast<uintptr_t>(t->data_ptr()) & 15) == 0, name, " ", desc(*t),
              " must start 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -410,6 +430,8 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   a.extra_id = (int)extra_id;
   a.act_bf16 = x.scalar_type() == at::kBFloat16;
   a.scale = (float)scale;
+  a.norm_w = norm_w ? norm_w->data_ptr() : nullptr;
+  a.norm_eps = (float)norm_eps;
   return run_status("route_topk", m3e_route(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
 }
@@ -623,7 +645,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[M, N] = x[M, K] @ W^T, W int4 repacked (native/cuda/w4a16.cuh); returns an error message or ''",
         py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("mins"), py::arg("zeros"), py::arg("out"),
         py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0, py::arg("norm_w") = py::none(),
-        py::arg("norm_eps") = 1e-6);
+        py::arg("norm_eps") = 1e-6, py::arg("residual") = py::none());
   m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
         py::arg("sms") = 132, py::arg("n_tile") = 0, py::arg("group") = 128, py::arg("affine") = false);
   m.def("moe_w4a16", &moe_w4a16,
@@ -632,14 +654,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("w_gu"), py::arg("s_gu"),
         py::arg("mn_gu"), py::arg("zp_gu"), py::arg("w_dn"), py::arg("s_dn"), py::arg("mn_dn"), py::arg("zp_dn"),
         py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0, py::arg("mma_rows") = 0,
-        py::arg("residual") = py::none());
+        py::arg("residual") = py::none(), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6);
   m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
         py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0,
         py::arg("mma_rows") = 0);
   m.def("route_topk", &route_topk, "MoE routing (native/cuda/decode_ops.cu); returns an error message or ''",
         py::arg("x"), py::arg("routers"), py::arg("modality"), py::arg("fusion_ok"), py::arg("ids"),
         py::arg("weights"), py::arg("k"), py::arg("n_fusion"), py::arg("norm_topk"), py::arg("extra_id"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6);
   m.def("rmsnorm", &rmsnorm, "RMSNorm (native/cuda/decode_ops.cu); returns an error message or ''", py::arg("x"),
         py::arg("w"), py::arg("out"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_qkv", &rope_qkv, "q/k norm, RoPE, KV-cache write (native/cuda/decode_ops.cu); returns an error or ''",

@@ -332,3 +332,23 @@ def test_w4a16_fused_rmsnorm(ext, M, n, k, group, kind, act):
     with pytest.raises(ValueError, match=r"fused RMSNorm needs the decode kernel with one K slice.*slices"):
         native.w4a16_gemm(torch.ones(1, 4096, device="cuda", dtype=act), wt, norm=(torch.ones(4096, device="cuda",
                                                                                            dtype=act), 1e-6))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M,n,k,splits,n_tile", [(1, 4096, 4096, 0, 0), (3, 256, 2048, 5, 16), (64, 1024, 512, 0, 0),
+                                                   (17, 256, 1024, 3, 128)])
+def test_w4a16_residual_epilogue(ext, M, n, k, splits, n_tile, act):
+    """The residual add in the GEMM's store (the decode kernel, split-K's last slice, the tile kernel):
+    bit for bit the reference's `residual + (x W^T rounded)`; an fp32 out refuses it."""
+    tensors, scheme = _make_linear(n, k, 64, "zp", torch.bfloat16, seed=5)
+    wt = native.repack({name: v.cuda() for name, v in tensors.items()}, scheme)
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(M, k, device="cuda", generator=g).to(act)
+    res = torch.randn(M, n, device="cuda", generator=g).to(act)
+    plain = native.w4a16_gemm(x, wt, splits=splits, n_tile=n_tile)
+    fused = native.w4a16_gemm(x, wt, splits=splits, n_tile=n_tile, residual=res)
+    assert torch.equal(fused, res + plain)
+    with pytest.raises(ValueError, match=r"residual must be \[.*\] of x's dtype with an out of x's dtype"):
+        native.w4a16_gemm(x, wt, out=torch.empty(M, n, device="cuda"), residual=res)

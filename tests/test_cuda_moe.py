@@ -360,3 +360,27 @@ def test_moe_errors_name_shapes_on_gpu(ext):
         native.moe_w4a16(x, ids, w.double(), ex)
     with pytest.raises(ValueError, match="same CUDA device"):
         native.moe_w4a16(x, ids.cpu(), w, ex)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind,group", [("sym", 128), ("zp", 32), ("fmin", 64)])
+def test_moe_fused_rmsnorm_one_token(ext, kind, group, act):
+    """One token with the layer's RMSNorm in gate+up's prologue (the residual added unnormed) against
+    native.rmsnorm first: the same result up to normed elements that round the other way; more than
+    one token refuses the norm in one sentence."""
+    _, (gate, up, down, scheme), ex, x, ids, w = _case(8, 512, 256, group, kind, act, T=1, k=3)
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    x = (3 * torch.randn(1, 512, generator=g, device="cuda")).to(act)
+    nw = (1 + 0.1 * torch.randn(512, generator=g, device="cuda")).to(act)
+    res = torch.randn(1, 512, generator=g, device="cuda").to(act)
+    x0 = x.clone()
+    fused = native.moe_w4a16(x, ids, w, ex, out=torch.empty(1, 512, device="cuda"), residual=res, norm=(nw, 1e-6))
+    assert torch.equal(x, x0)
+    ref = native.moe_w4a16(native.rmsnorm(x, nw, 1e-6), ids, w, ex, out=torch.empty(1, 512, device="cuda"),
+                           residual=res)
+    assert _rel(fused, ref) < 1e-3
+    with pytest.raises(ValueError, match=r"fused RMSNorm takes one token on the decode kernel, got x \[2, 512\]"):
+        native.moe_w4a16(x.expand(2, 512).contiguous(), ids.expand(2, 3).contiguous(), w.expand(2, 3).contiguous(),
+                         ex, norm=(nw, 1e-6))

@@ -403,6 +403,16 @@ def test_route_kernel_matches_the_reference(norm_topk):
     assert torch.equal(ids[~zero, :-1].long(), i_ref[~zero])
     torch.testing.assert_close(w[:, :-1], w_ref.float(), rtol=1e-2, atol=1e-3)
     assert (ids[:, -1] == E).all() and (w[:, -1] == 1).all()
+    # the layer's RMSNorm in the kernel: as routing native.rmsnorm's output
+    nw = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).bfloat16()
+    xs = 3 * x
+    ids_n, w_n = native.route_topk(xs, routers, modality, fusion_ok, cfg.num_experts_per_tok, cfg.num_fusion_experts,
+                                   norm_topk, cfg.routed_scaling_factor, extra_id=E, norm=(nw, 1e-6))
+    ids_r, w_r = native.route_topk(native.rmsnorm(xs, nw, 1e-6), routers, modality, fusion_ok,
+                                   cfg.num_experts_per_tok, cfg.num_fusion_experts, norm_topk,
+                                   cfg.routed_scaling_factor, extra_id=E)
+    assert torch.equal(ids_n[~zero], ids_r[~zero])
+    torch.testing.assert_close(w_n, w_r, rtol=1e-2, atol=1e-3)
     fus = ids[~fusion_ok, :-1]
     assert (fus < E - cfg.num_fusion_experts).all()
 

@@ -153,10 +153,16 @@ class W4Linear(nn.Module):
         self.wt, self.bias = wt, bias  # plain attributes: to_empty / .to(dtype) leave them alone
         self.norm_at_one = False  # build_model: whether one token's GEMM can run its input's RMSNorm
 
-    def forward(self, x: torch.Tensor, norm: "FastRMSNorm | None" = None) -> torch.Tensor:
-        """With `norm` (one token, norm_at_one): y = norm(x) W^T (+ b), the norm in the GEMM's prologue."""
-        y = native.w4a16_gemm(x.contiguous(), self.wt, norm=None if norm is None else (norm.weight, norm.eps))
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, norm: "FastRMSNorm | None" = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With `norm` (one token, norm_at_one): y = norm(x) W^T (+ b), the norm in the GEMM's prologue.
+        With a `residual` (like y): residual + y, the add in the GEMM's epilogue when there is no bias."""
+        nw = None if norm is None else (norm.weight, norm.eps)
+        if residual is not None and self.bias is None:
+            return native.w4a16_gemm(x.contiguous(), self.wt, norm=nw, residual=residual.contiguous())
+        y = native.w4a16_gemm(x.contiguous(), self.wt, norm=nw)
+        y = y if self.bias is None else y + self.bias
+        return y if residual is None else residual + y
 
 
 class W8Linear(nn.Module):
@@ -264,13 +270,19 @@ class FusedQKVAttention(Attention):
     def project(self, x: torch.Tensor):
         return self.qkv(x).split(self.sizes, dim=-1)
 
-    def forward(self, x, cos, sin, mask, cache, norm: FastRMSNorm | None = None):
+    def fuses_residual(self) -> bool:
+        """Whether a residual given to forward is added in the o GEMM's epilogue."""
+        return isinstance(self.o_proj, W4Linear) and self.o_proj.bias is None
+
+    def forward(self, x, cos, sin, mask, cache, norm: FastRMSNorm | None = None, residual: torch.Tensor | None = None):
         """With the backend's cache: one token in one kernel (native.attn_decode: q/k norm, RoPE, cache
         write and attention), several through native.rope_qkv (the q/k/v epilogue, writing the cache)
         and SDPA; otherwise the reference's forward over `project`. With `norm` (one token, the qkv
-        GEMM's norm_at_one), x is the layer's input before its norm, which runs in the GEMM."""
+        GEMM's norm_at_one), x is the layer's input before its norm, which runs in the GEMM; with a
+        `residual`, the output is residual + attention (in the o GEMM where fuses_residual)."""
         if not isinstance(cache, StaticKVCache) or self.hd % 32:
-            return super().forward(x if norm is None else norm(x), cos, sin, mask, cache)
+            a = super().forward(x if norm is None else norm(x), cos, sin, mask, cache)
+            return a if residual is None else residual + a
         B, S, _ = x.shape
         y = self.qkv(x, norm).view(S, -1)
         kb, vb = cache.kbuf[self.layer, 0], cache.vbuf[self.layer, 0]  # [nkv, cap, D]
@@ -282,13 +294,18 @@ class FusedQKVAttention(Attention):
         if S == 1 and self.attn_kernel and self.workspace is not None and kv_bytes <= ATTN_KERNEL_MAX_KV_BYTES:
             out = native.attn_decode(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), kb, vb,
                                      pos, cache.n, keys, self.nh, self.nkv, norms[2], self.workspace)
-            return self.o_proj(out.view(B, S, self.nh * self.hd))
+            return self._out(out.view(B, S, self.nh * self.hd), residual)
         q = torch.empty(self.nh, S, self.hd, dtype=x.dtype, device=x.device)
         native.rope_qkv(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), q, kb, vb,
                         pos, cache.n, self.nh, self.nkv, norms[2])
         out = F.scaled_dot_product_attention(q[None], kb[None, :, :keys], vb[None, :, :keys], attn_mask=mask,
                                              enable_gqa=self.nh != self.nkv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.hd))
+        return self._out(out.transpose(1, 2).reshape(B, S, self.nh * self.hd), residual)
+
+    def _out(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is None:
+            return self.o_proj(y)
+        return self.o_proj(y, residual=residual) if self.fuses_residual() else residual + self.o_proj(y)
 
 
 class NativeMoE(MoE):
@@ -314,24 +331,34 @@ class NativeMoE(MoE):
         else:
             self._w = w.float()
 
+    def fuses_norm(self) -> bool:
+        """Whether forward takes the layer's norm at one token (routing and gate+up norm x themselves)."""
+        return self._r is not None and self.shared_experts is None
+
     def forward(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, norm: FastRMSNorm | None = None) -> torch.Tensor:
         """On the GPU: routing (shared slot included) in one kernel, then the fused expert pair, which
-        adds `residual` (the layer's residual stream, like x) to its output when given."""
+        adds `residual` (the layer's residual stream, like x) to its output when given. With `norm`, x
+        is the stream before the layer's second norm: at one token (fuses_norm) the routing and gate+up
+        kernels norm it themselves, else it is normed first."""
+        B, S, H = x.shape
+        if norm is not None and not (self.fuses_norm() and B * S == 1):
+            x, norm = norm(x), None
         if self._r is None:
             y = super().forward(x, modality, fusion_ok)
             return y if residual is None else residual + y
-        B, S, H = x.shape
         xt = x.reshape(-1, H).contiguous()
         c = self.cfg
+        nw = None if norm is None else (norm.weight, norm.eps)
         ids, w = native.route_topk(xt, self._r, modality.reshape(-1).contiguous(), fusion_ok.reshape(-1).contiguous(),
                                    c.num_experts_per_tok, c.num_fusion_experts, c.norm_topk_prob,
-                                   c.routed_scaling_factor, self.native.n_experts - 1 if self.shared_slot else -1)
+                                   c.routed_scaling_factor, self.native.n_experts - 1 if self.shared_slot else -1,
+                                   norm=nw)
         if self.shared_experts is not None:
             y = native.moe_w4a16(xt, ids, w, self.native) + self.shared_experts(xt)
             return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
         res = None if residual is None else residual.reshape(-1, H).contiguous()
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res).view(B, S, H)
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw).view(B, S, H)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
         logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]
@@ -355,7 +382,14 @@ class NativeDense(nn.Module):
         self.native = experts
         self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> (ids, weights), made once
 
-    def forward(self, x: torch.Tensor, modality=None, fusion_ok=None, residual: torch.Tensor | None = None):
+    def fuses_norm(self) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor, modality=None, fusion_ok=None, residual: torch.Tensor | None = None,
+                norm: FastRMSNorm | None = None):
+        """With `norm`, x is the stream before the layer's second norm (gate+up norms one token itself)."""
+        if norm is not None and x.shape[0] * x.shape[1] != 1:
+            x, norm = norm(x), None
         xt = x.reshape(-1, x.shape[-1]).contiguous()
         T = xt.shape[0]
         if T not in self._slots:
@@ -363,28 +397,37 @@ class NativeDense(nn.Module):
                               torch.ones(T, 1, dtype=torch.float32, device=x.device))
         ids, w = self._slots[T]
         res = None if residual is None else residual.reshape(-1, x.shape[-1]).contiguous()
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res).view(x.shape)
+        nw = None if norm is None else (norm.weight, norm.eps)
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw).view(x.shape)
 
 
 class NativeLayer(nn.Module):
-    """A decoder layer whose residual adds ride in other launches: attention's output is added to
-    the stream by the second norm's kernel (native.rmsnorm with a residual), and the MLP's by the
-    fused MoE pair's down epilogue. Two elementwise launches a layer fewer than the reference's
-    `h + ...` twice; the same arithmetic (each sum rounded once to the activation dtype). At one
-    token the input norm runs in the qkv GEMM's prologue where its plan allows (W4Linear.norm_at_one)."""
+    """A decoder layer whose residual adds and norms ride in other launches. Any number of tokens:
+    attention's output is added to the stream by the second norm's kernel (native.rmsnorm with a
+    residual), and the MLP's by the fused MoE pair's down epilogue (the reference's arithmetic, each
+    sum rounded to the activation dtype). One token, where the kernels take it: the input norm in the
+    qkv GEMM's prologue (W4Linear.norm_at_one), attention's residual add in the o GEMM's epilogue and
+    the second norm in the routing and gate+up kernels (`fuse_post`): a decode step's layer has no
+    launch of its own for a norm or an add."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
         self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        attn, mlp = self.self_attn, self.mlp
+        self.fuse_post = (isinstance(attn, FusedQKVAttention) and attn.fuses_residual()
+                          and isinstance(mlp, (NativeMoE, NativeDense)) and mlp.fuses_norm()
+                          and isinstance(self.post_attention_layernorm, FastRMSNorm))
 
     def forward(self, h, cos, sin, mask, cache, modality, fusion_ok):
         attn, norm = self.self_attn, self.input_layernorm
-        if (h.shape[0] * h.shape[1] == 1 and isinstance(attn, FusedQKVAttention) and attn.qkv.norm_at_one
-                and isinstance(norm, FastRMSNorm) and norm.takes(h)):
-            a = attn(h, cos, sin, mask, cache, norm=norm)  # the input norm in the qkv GEMM: one launch fewer
-        else:
-            a = attn(norm(h), cos, sin, mask, cache)
+        one = h.shape[0] * h.shape[1] == 1 and isinstance(norm, FastRMSNorm) and norm.takes(h)
+        in_norm = one and isinstance(attn, FusedQKVAttention) and attn.qkv.norm_at_one
+        x = h if in_norm else norm(h)
+        if one and self.fuse_post:
+            h = attn(x, cos, sin, mask, cache, norm=norm if in_norm else None, residual=h)  # h + attention
+            return self.mlp(h, modality, fusion_ok, residual=h, norm=self.post_attention_layernorm)
+        a = attn(x, cos, sin, mask, cache, norm=norm if in_norm else None)
         norm = self.post_attention_layernorm
         if isinstance(norm, FastRMSNorm) and norm.takes(a) and norm.takes(h):
             x2 = native.rmsnorm(a, norm.weight, norm.eps, residual=h)  # a becomes h + a

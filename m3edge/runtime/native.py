@@ -229,18 +229,21 @@ def repack(tensors: dict[str, torch.Tensor], scheme: Scheme) -> W4Weights:
 
 
 def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, splits: int = 0,
-               n_tile: int = 0, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               n_tile: int = 0, norm: tuple[torch.Tensor, float] | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp16/bf16 -> [..., N] = x @ W^T (fp32 accumulation, group scales applied in fp32).
     `out` may be given ([M, N], x's dtype or float32 for the unrounded result). splits and n_tile
     override the plan (0 = its choice): n_tile 16/32/64 is the decode kernel (M <= 8), 128 the tiles.
     norm (weight [K], eps): x's rows RMS-normed first in the kernel's prologue, as rmsnorm() would
-    (where `fuses_norm` says the plan allows it)."""
+    (where `fuses_norm` says the plan allows it). residual ([..., N], x's dtype): added to the rounded
+    output and rounded again (a layer's `h + o_proj(x)`; 16-bit outputs only)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = torch.empty(x2.shape[0], wt.n, dtype=x.dtype, device=x.device)
     nw, eps = norm if norm is not None else (None, 1e-6)
-    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile, nw, eps))
+    res = None if residual is None else residual.reshape(-1, wt.n)
+    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile, nw, eps, res))
     return out.reshape(*lead, wt.n)
 
 
@@ -308,7 +311,7 @@ def repack_experts(gate: list[dict[str, torch.Tensor]], up: list[dict[str, torch
 
 def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: W4Experts,
               out: torch.Tensor | None = None, ns_gu: int = 0, ns_dn: int = 0, mma_rows: int = 0,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """The routed experts of an MoE layer, fused (native/cuda/moe.cu): x [T, H] fp16/bf16, topk_ids
     [T, k] int32/int64, topk_weights [T, k] float32 or x's dtype -> [T, H] = sum_j topk_weights[t, j] *
     down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]; an id outside [0, E) adds nothing.
@@ -318,24 +321,30 @@ def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     The plan picks the kernel by pairs per expert: the decode kernel (tiles of up to 8 pairs) or the
     mma tile kernel (tiles of 16-64 pairs, prefill). mma_rows forces it: -1 the decode kernel, 16 / 32 /
     64 the tile kernel with that many pairs per tile (0 = the plan's); ns_gu / ns_dn force the decode
-    kernel's slabs per CTA of the two launches (0 = the plan's)."""
+    kernel's slabs per CTA of the two launches (0 = the plan's). norm (weight [H], eps), one token on
+    the decode kernel: gate+up reads x RMS-normed as rmsnorm() would (the residual is not normed)."""
     if out is None:
         out = torch.empty(x.shape[0], experts.gate_up.k, dtype=x.dtype, device=x.device)
     gu, dn = experts.gate_up, experts.down
+    nw, eps = norm if norm is not None else (None, 1e-6)
     raise_for(load().moe_w4a16(x, topk_ids, topk_weights, gu.w, gu.scales, gu.mins, gu.zeros, dn.w, dn.scales,
-                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows, residual))
+                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows, residual, nw, eps))
     return out
 
 
 def route_topk(x: torch.Tensor, routers: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor, k: int,
-               n_fusion: int, norm_topk: bool, scale: float, extra_id: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+               n_fusion: int, norm_topk: bool, scale: float, extra_id: int = -1,
+               norm: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE routing in one launch (native/cuda/decode_ops.cu): x [T, H], routers [R, E, H] (x's dtype),
     modality int64 [T], fusion_ok bool [T] -> ids int32, weights fp32 [T, k (+1 with extra_id >= 0:
-    that id, weight 1)]; the reference's `route` choice (m3lite.py)."""
+    that id, weight 1)]; the reference's `route` choice (m3lite.py). norm (weight [H], eps): the
+    logits of x RMS-normed as rmsnorm() would."""
     width = k + (extra_id >= 0)
     ids = torch.empty(x.shape[0], width, dtype=torch.int32, device=x.device)
     w = torch.empty(x.shape[0], width, dtype=torch.float32, device=x.device)
-    raise_for(load().route_topk(x, routers, modality, fusion_ok, ids, w, k, n_fusion, norm_topk, extra_id, scale))
+    nw, eps = norm if norm is not None else (None, 1e-6)
+    raise_for(load().route_topk(x, routers, modality, fusion_ok, ids, w, k, n_fusion, norm_topk, extra_id, scale,
+                                nw, eps))
     return ids, w
 
 

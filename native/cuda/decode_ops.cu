@@ -119,6 +119,29 @@ __device__ void route_select(const m3e_route_args& a, const float* logits, int t
   }
 }
 
+// The two values as one 32-bit word of the activation type, each rounded once.
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  using A = Act<BF16>;
+  const typename A::T l = A::t(lo), h = A::t(hi);
+  return (uint32_t)reinterpret_cast<const uint16_t&>(l) | ((uint32_t)reinterpret_cast<const uint16_t&>(h) << 16);
+}
+
+// f over the eight element pairs of two 16-byte vectors, in fp32, each result rounded once.
+template <bool BF16, typename F>
+__device__ __forceinline__ uint4 zip8(uint4 a, uint4 b, F f) {
+  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float a0, a1, b0, b1;
+    pair(av[j], a0, a1, BF16);
+    pair(bv[j], b0, b1, BF16);
+    o[j] = pack2<BF16>(f(a0, b0), f(a1, b1));
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = (blockDim.x + 31) / 32;
@@ -144,21 +167,34 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
   constexpr int NT = 32 * LOGIT_WARPS;
   const int64_t m = a.modality[t];
+  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
+  const int n = a.H / 8;
+  float r = 0.f;  // with norm_w: the row's rms factor (every CTA of the token computes the same)
+  if (a.norm_w) {
+    __shared__ float scratch[LOGIT_WARPS];
+    float ss = 0.f;
+#pragma unroll 1
+    for (int i = tid; i < n; i += NT) ss += dot8(x[i], x[i], BF16);
+    r = rsqrtf(block_sum(ss, scratch) / a.H + a.norm_eps);
+  }
   float s = 0.f;
   if (m >= 0 && m < a.R) {
-    const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
     const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H);
-    const int n = a.H / 8;
+    const uint4* g = static_cast<const uint4*>(a.norm_w);
     for (int i0 = tid; i0 < n; i0 += NT * LOGIT_ILP) {
-      uint4 xv[LOGIT_ILP], wv[LOGIT_ILP];
+      uint4 xv[LOGIT_ILP], wv[LOGIT_ILP], gv[LOGIT_ILP];
 #pragma unroll
       for (int u = 0; u < LOGIT_ILP; ++u) {
         const int i = i0 + u * NT;
         xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
         wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
+        gv[u] = g && i < n ? g[i] : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < LOGIT_ILP; ++u) s += dot8(xv[u], wv[u], BF16);
+      for (int u = 0; u < LOGIT_ILP; ++u) {
+        if (g) xv[u] = zip8<BF16>(xv[u], gv[u], [r](float v, float w) { return v * r * w; });  // m3e_rmsnorm's
+        s += dot8(xv[u], wv[u], BF16);
+      }
     }
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   }
@@ -178,29 +214,6 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   }
   __syncthreads();
   if (s_last && tid < 32) route_select<BF16>(a, logits, t, lane);
-}
-
-// The two values as one 32-bit word of the activation type, each rounded once.
-template <bool BF16>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  using A = Act<BF16>;
-  const typename A::T l = A::t(lo), h = A::t(hi);
-  return (uint32_t)reinterpret_cast<const uint16_t&>(l) | ((uint32_t)reinterpret_cast<const uint16_t&>(h) << 16);
-}
-
-// f over the eight element pairs of two 16-byte vectors, in fp32, each result rounded once.
-template <bool BF16, typename F>
-__device__ __forceinline__ uint4 zip8(uint4 a, uint4 b, F f) {
-  const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-  uint32_t o[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float a0, a1, b0, b1;
-    pair(av[j], a0, a1, BF16);
-    pair(bv[j], b0, b1, BF16);
-    o[j] = pack2<BF16>(f(a0, b0), f(a1, b1));
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
 // RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors. With a
@@ -548,7 +561,8 @@ extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
   if (a->T < 1 || a->H < 8 || a->H % 8 || a->E < 1 || a->E > m3e::ops::MAX_EXPERTS || a->R < 1 || a->k < 1 ||
       a->k > m3e::ops::MAX_TOPK || a->k > a->E || a->n_fusion < 0 || a->n_fusion >= a->E)
     return M3E_ERR_SHAPE;
-  if ((reinterpret_cast<uintptr_t>(a->x) | reinterpret_cast<uintptr_t>(a->routers)) & 15) return M3E_ERR_ALIGN;
+  if ((reinterpret_cast<uintptr_t>(a->x) | reinterpret_cast<uintptr_t>(a->routers) | reinterpret_cast<uintptr_t>(a->norm_w)) & 15)
+    return M3E_ERR_ALIGN;
   auto s = static_cast<cudaStream_t>(stream);
   const int pdl = m3e::pdl_capable();
   if (pdl < 0) return M3E_ERR_CUDA;

@@ -54,6 +54,9 @@ typedef struct {
   // The decode kernel with one K slice only (the CTA must hold the whole row), else M3E_ERR_ARG.
   const uint16_t* norm_w;  // [K], the activations' type
   float norm_eps;
+  // [M, N] in the activations' type added to the output (a layer's residual stream), or NULL: out =
+  // residual + (x W^T rounded), rounded again. 16-bit outputs only (else M3E_ERR_ARG).
+  const uint16_t* residual;
 } m3e_w4a16_args;
 
 typedef struct {
@@ -111,6 +114,10 @@ typedef struct {
   int ns_gu, ns_dn;          // slabs per CTA of each launch as given to m3e_moe_plan (0 = its choice)
   int mma_rows;              // kernel choice as given to m3e_moe_plan (0 = its choice)
   const void* residual;      // [T, H] x's type, added to out (a layer's residual stream), or NULL
+  // RMSNorm of x before gate+up (as m3e_w4a16_args.norm_w), or NULL; one token (T = 1) on the decode
+  // kernel only, else M3E_ERR_ARG. The residual, if any, is not normed.
+  const void* norm_w;        // [H] x's type
+  float norm_eps;
 } m3e_moe_args;
 
 typedef struct {
@@ -152,6 +159,8 @@ typedef struct {
   int* counters;               // [T], zero before the call (left zero)
   int T, H, E, R, k, n_fusion, norm_topk, extra_id, act_bf16;  // H a multiple of 8, x and routers 16-byte aligned
   float scale;
+  const void* norm_w;          // [H] or NULL: x is RMS-normed with it first (m3e_rmsnorm's arithmetic)
+  float norm_eps;
 } m3e_route_args;
 
 int m3e_route(const m3e_route_args* args, void* stream);

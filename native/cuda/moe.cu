@@ -290,6 +290,7 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   // one token: every pair is its own tile of one row (what the grouping would make, in pair order),
   // so the decode kernel reads each CTA's expert from the ids and the grouping launch is skipped
   const bool direct = !tile && a->T == 1;
+  if (a->norm_w && (!direct || misaligned(a->norm_w))) return M3E_ERR_ARG;
   const int staged = n <= GROUP_STAGE_MAX;  // with E <= 1024: at most 56 KB, under the 64 KB asked for once
   static bool group_opted[64] = {};
   if (int rc = opt_in_smem(moe_group_kernel, (6 * 1024 + GROUP_STAGE_MAX) * (int)sizeof(int), group_opted);
@@ -327,7 +328,10 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
     return rc;
   gate_up_io(p, *a);
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles);
+  p.norm_w = static_cast<const uint16_t*>(a->norm_w);
+  p.norm_eps = a->norm_eps;
   if (int rc = launch(EPI_GATE_UP, dim3(direct ? n : plan.tiles_gu, gy_gu), smem); rc != M3E_OK) return rc;
+  p.norm_w = nullptr;
 
   // down: the intermediate's rows, weighted slot outputs, summed per token by its last slot
   if (int rc = moe_params(p, a->H, a->I, plan.ns_dn, plan.mr_dn, gshift, has_min, has_zp, &smem); rc != M3E_OK)

@@ -119,6 +119,7 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   if ((nch + cps - 1) / cps != a->splits) return M3E_ERR_ARG;  // not the plan's count: a slice would be empty
   if (a->splits > 1 && (!a->workspace || !a->counters)) return M3E_ERR_WORKSPACE;
   if (a->norm_w && (!decode || a->splits != 1 || misaligned(a->norm_w))) return M3E_ERR_ARG;
+  if (a->residual && a->out_f32) return M3E_ERR_ARG;
 
   Params p = {};
   p.x = static_cast<const uint16_t*>(a->x);
@@ -141,6 +142,7 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   p.out_f32 = a->out_f32;
   p.norm_w = a->norm_w;
   p.norm_eps = a->norm_eps;
+  p.res = a->residual;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool has_min = a->mins != nullptr;
   if (decode) {

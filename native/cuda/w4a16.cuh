@@ -77,8 +77,9 @@ struct Params {
   int scale_bf16, splits, cps;  // cps: K per split, in 128-k chunks (tiles) or 64-k blocks (decode)
   int out_f32;                   // out is fp32 (else the activations' 16-bit type)
   int pdl;                       // decode GEMM: launched as a programmatic dependent (sm_90)
-  const uint16_t* norm_w;        // decode GEMM, one K slice: RMSNorm of x's rows first (m3e_w4a16_args)
+  const uint16_t* norm_w;        // decode GEMM (one K slice) and one token's MoE gate+up: RMSNorm of x's rows first
   float norm_eps;
+  const uint16_t* res;           // GEMM: [M][N] added to the (16-bit) output (m3e_w4a16_args residual)
   // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
   // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
   int ns, wk_shift, xstride, gs, sm_meta, sm_raw_s, sm_raw_2, sm_ring;
@@ -143,14 +144,16 @@ __device__ __forceinline__ uint4 scale8_bits(uint4 a, uint4 b, float r) {
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// Output i: fp32, or rounded to the activations' type; with the GEMM's residual (16-bit outputs only),
+// the rounded value plus residual i, rounded again (the reference's `h + o_proj(x)`, bit for bit).
 template <bool BF16>
 __device__ __forceinline__ void store(const Params& p, size_t i, float v) {
-  if (p.out_f32)
+  if (p.out_f32) {
     reinterpret_cast<float*>(p.out)[i] = v;
-  else if constexpr (BF16)
-    p.out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  else
-    p.out[i] = __half_as_ushort(__float2half_rn(v));
+    return;
+  }
+  if (p.res) v = bits_to_float(float_to_bits<BF16>(v), BF16) + bits_to_float(p.res[i], BF16);
+  p.out[i] = static_cast<uint16_t>(float_to_bits<BF16>(v));
 }
 
 // What a CTA does with its sums: the GEMM's store (with split-K), or one of the fused MoE pair's

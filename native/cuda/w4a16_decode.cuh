@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     cp_async_wait<DU>();
   }
   __syncthreads();
-  if constexpr (EPI == EPI_GEMM) {
+  if constexpr (EPI == EPI_GEMM || EPI == EPI_GATE_UP) {
     if (p.norm_w) {  // the fused RMSNorm: the whole row is here (one K slice); m3e_rmsnorm's arithmetic
       __shared__ float s_ss[DECODE_MAX_M][DWARPS];
       const int nv = K / 8;  // 16-byte vectors of a row
