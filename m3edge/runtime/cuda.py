@@ -646,7 +646,7 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
     for i, layer in enumerate(model.layers):
         if isinstance(layer.self_attn, FusedQKVAttention):
             a = layer.self_attn
-            a.qkv.norm_at_one = native.fuses_norm(a.qkv.wt, 1, device)
+            a.qkv.norm_at_one = torch.device(device).type == "cuda" and native.fuses_norm(a.qkv.wt, 1, device)
             if a.attn_kernel:
                 ws = ws or native.attn_workspace(a.nh, a.nkv, a.hd, device)
                 a.workspace = ws
