@@ -6,15 +6,14 @@ Run on the GPU machine:
 
 Batch 1, one token, bf16, the heads of M3-Lite (32 q / 4 kv, head_dim 128, q/k norm) and SmolLM2-135M
 (9 / 3, 64, none), at cache lengths (keys) 64 .. 8192. Each variant runs as it does in a decode step:
-LAYERS launches in one CUDA graph, one per layer's cache (so the caches do not all sit in L2), the
-graph replayed REPS times; time per launch. GB/s counts the K and V bytes read (keys x kv heads x D x
-2 x 2 bytes), % copy against a device-to-device copy measured in the same run.
+launches over LAYERS layers' caches captured in one CUDA graph and replayed REPS times
+(kernels.graph_us; the caches do not all sit in L2); time per launch. GB/s counts the K and V bytes
+read (keys x kv heads x D x 2 x 2 bytes), % copy against kernels.copy_bandwidth in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,40 +21,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from m3edge.runtime import native
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from m3edge.runtime import native  # noqa: E402
+from kernels import copy_bandwidth, graph_us, save_results  # noqa: E402
 
 HEADS = {"M3-Lite": (32, 4, 128, True), "SmolLM2": (9, 3, 64, False)}
 KEYS = [64, 256, 1024, 4096, 8192]
 LAYERS, REPS = 16, 20
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / graph_us(lambda: dst.copy_(src), 1) / 1e3
-
-
-def graph_us(step, per_graph: int) -> float:
-    """us per call of `step` (per_graph calls of it in one graph), median of 5 timings of REPS replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(REPS):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / REPS / per_graph)
-    return sorted(times)[2]
 
 
 def run(name: str, keys: int, bw: float) -> dict:
@@ -76,19 +48,17 @@ def run(name: str, keys: int, bw: float) -> dict:
     keys_idx = torch.arange(keys, device=dev)
     mask = (keys_idx <= p)[None, None, None]
 
-    def ours():
-        for i in range(LAYERS):
-            native.attn_decode(qkv, qn, kn, cos, sin, kc[i], vc[i], p, 0, keys, nh, nkv, 1e-6, ws, out=out)
+    def ours(i):
+        native.attn_decode(qkv, qn, kn, cos, sin, kc[i], vc[i], p, 0, keys, nh, nkv, 1e-6, ws, out=out)
 
-    def before():
-        for i in range(LAYERS):
-            native.rope_qkv(qkv, qn, kn, cos, sin, q, kc[i], vc[i], p, 0, nh, nkv, 1e-6)
-            F.scaled_dot_product_attention(q[None], kc[i][None], vc[i][None], attn_mask=mask, enable_gqa=nh != nkv)
+    def before(i):
+        native.rope_qkv(qkv, qn, kn, cos, sin, q, kc[i], vc[i], p, 0, nh, nkv, 1e-6)
+        F.scaled_dot_product_attention(q[None], kc[i][None], vc[i][None], attn_mask=mask, enable_gqa=nh != nkv)
 
     kv_bytes = keys * nkv * D * 2 * 2
     row = {"model": name, "keys": keys, "kv_mb": kv_bytes / 1e6}
-    row["ours_us"] = graph_us(ours, LAYERS)
-    row["before_us"] = graph_us(before, LAYERS)
+    row["ours_us"] = graph_us(ours, LAYERS, reps=REPS)
+    row["before_us"] = graph_us(before, LAYERS, reps=REPS)
     row["ours_gbs"] = kv_bytes / row["ours_us"] / 1e3
     row["ours_copy_pct"] = 100 * row["ours_gbs"] / bw
     return row
@@ -110,10 +80,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['keys']} | {r['kv_mb']:.2f} | {r['ours_us']:.2f} | {r['before_us']:.2f} | "
                      f"{r['before_us'] / r['ours_us']:.2f}x | {r['ours_gbs']:.0f} ({r['ours_copy_pct']:.0f}%) |")
     table = "\n".join(lines)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "table.md").write_text(table + "\n")
+    save_results(args.out, rows, table)
     print(table)
 
 

@@ -28,7 +28,6 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copy_bandwidth  # noqa: E402
+from kernels import copy_bandwidth, save_results  # noqa: E402
 
 from m3edge.model.checkpoint import checkpoint_tensors  # noqa: E402
 from m3edge.model.m3lite import KVCache, M3Config, M3Lite, expected_tensors, kv_bytes_per_token  # noqa: E402
@@ -433,10 +432,7 @@ def main() -> None:
                 lines.append(f"\n{r['model']} decode tok/s (graph / step): all fusions {r['graph_tps']:.0f} / "
                              f"{r['step_tps']:.0f}, without {feature} {off['graph_tps']:.0f} / {off['step_tps']:.0f}")
     table = "\n".join(lines)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "table.md").write_text(table + "\n")
+    save_results(args.out, rows, table)
     print("\n" + table)
 
 

@@ -63,6 +63,14 @@ def timed(fn, reps: int = 40, warmup: int = 5) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3
 
 
+def save_results(out: Path | None, rows, table: str) -> None:
+    """results.json (the rows) and table.md under `out` (made), when it is given."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        (out / "table.md").write_text(table + "\n")
+
+
 def graph_us(call, n_sets: int, reps: int = 5) -> float:
     """Steady-state microseconds per call: call(i) for i over n_sets weight sets (together more than
     twice the L2, so every call reads its weights from DRAM) captured in one CUDA graph and replayed;

@@ -481,6 +481,31 @@ std::string check_qkv_epilogue(const char* op, const at::Tensor& qkv, const c10:
   return check_all(op, all);
 }
 
+#ifndef M3E_NO_CUDA
+// The fields m3e_rope_args and m3e_attn_args share, from the tensors of check_qkv_epilogue.
+template <typename Args>
+void fill_qkv_epilogue(Args& a, const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                       const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+                       at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& pos, int64_t pos0,
+                       int64_t nh, int64_t nkv, double eps) {
+  a.qkv = qkv.data_ptr();
+  a.q_norm = q_norm ? q_norm->data_ptr() : nullptr;
+  a.k_norm = k_norm ? k_norm->data_ptr() : nullptr;
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.pos_dev = pos ? pos->data_ptr<int64_t>() : nullptr;
+  a.pos0 = (int)pos0;
+  a.nh = (int)nh;
+  a.nkv = (int)nkv;
+  a.D = (int)(qkv.size(1) / (nh + 2 * nkv));
+  a.cap = (int)k_cache.size(1);
+  a.act_bf16 = qkv.scalar_type() == at::kBFloat16;
+  a.eps = (float)eps;
+}
+#endif
+
 // q/k/v epilogue (native/cuda/decode_ops.cu), batch 1: the tensors of check_qkv_epilogue and q_out
 // [nh, T, D]; pos (or pos0) is the cache slot of token 0.
 std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
@@ -497,29 +522,14 @@ std::string rope_qkv(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_n
                                   {{"q_out", &q_out}});
       !e.empty())
     return e;
-  const int64_t T = qkv.size(0), D = qkv.size(1) / (nh + 2 * nkv);
 #ifdef M3E_NO_CUDA
   return "cuda: rope_qkv: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
   const c10::cuda::CUDAGuard guard(qkv.device());
   m3e_rope_args a;
-  a.qkv = qkv.data_ptr();
-  a.q_norm = q_norm ? q_norm->data_ptr() : nullptr;
-  a.k_norm = k_norm ? k_norm->data_ptr() : nullptr;
-  a.cos = cos.data_ptr();
-  a.sin = sin.data_ptr();
+  fill_qkv_epilogue(a, qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, pos0, nh, nkv, eps);
   a.q_out = q_out.data_ptr();
-  a.k_cache = k_cache.data_ptr();
-  a.v_cache = v_cache.data_ptr();
-  a.pos_dev = pos ? pos->data_ptr<int64_t>() : nullptr;
-  a.pos0 = (int)pos0;
-  a.T = (int)T;
-  a.nh = (int)nh;
-  a.nkv = (int)nkv;
-  a.D = (int)D;
-  a.cap = (int)k_cache.size(1);
-  a.act_bf16 = qkv.scalar_type() == at::kBFloat16;
-  a.eps = (float)eps;
+  a.T = (int)qkv.size(0);
   return run_status("rope_qkv", m3e_rope_qkv(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
 }
@@ -554,31 +564,16 @@ std::string attn_decode(const at::Tensor& qkv, const c10::optional<at::Tensor>& 
                                   own, {{"out", &out}, {"workspace", &workspace}, {"counters", &counters}});
       !e.empty())
     return e;
-  const int64_t D = qkv.size(1) / (nh + 2 * nkv);
 #ifdef M3E_NO_CUDA
   return "cuda: attn_decode: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
 #else
   const c10::cuda::CUDAGuard guard(qkv.device());
   m3e_attn_args a;
-  a.qkv = qkv.data_ptr();
-  a.q_norm = q_norm ? q_norm->data_ptr() : nullptr;
-  a.k_norm = k_norm ? k_norm->data_ptr() : nullptr;
-  a.cos = cos.data_ptr();
-  a.sin = sin.data_ptr();
+  fill_qkv_epilogue(a, qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, pos0, nh, nkv, eps);
   a.out = out.data_ptr();
-  a.k_cache = k_cache.data_ptr();
-  a.v_cache = v_cache.data_ptr();
-  a.pos_dev = pos ? pos->data_ptr<int64_t>() : nullptr;
   a.workspace = workspace.data_ptr<float>();
   a.counters = counters.data_ptr<int>();
-  a.pos0 = (int)pos0;
   a.keys = (int)keys;
-  a.nh = (int)nh;
-  a.nkv = (int)nkv;
-  a.D = (int)D;
-  a.cap = (int)cap;
-  a.act_bf16 = qkv.scalar_type() == at::kBFloat16;
-  a.eps = (float)eps;
   if (int rc = m3e_attn_plan(a.keys, a.D, &a.splits, &a.chunk); rc != M3E_OK) return run_status("attn_decode", rc);
   return run_status("attn_decode", m3e_attn_decode(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
