@@ -49,7 +49,7 @@ from m3edge.runtime.repack_cache import RepackCache
 
 # One token's attention through native.attn_decode up to this many K and V bytes a layer, rope_qkv + SDPA
 # past it: bench/attn_decode.py on the H100, M3-Lite heads, us a launch (ours / before): 256 keys 8.3 /
-# 13.6, 1024 keys (2.1 MB) 13.6 / 14.5, 4096 keys (8.4 MB) 27.1 / 18.2 (native/cuda/NOTES.md, A2)
+# 13.5, 1024 keys (2.1 MB) 13.8 / 14.0, 4096 keys (8.4 MB) 28.5 / 17.9 (native/cuda/NOTES.md, A3)
 ATTN_KERNEL_MAX_KV_BYTES = 4 << 20
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the attention scratch at long contexts
 SCRATCH_FIXED = 512 * 2**20  # CUDA context extras, cuBLAS and kernel workspaces, graph pools (measured, see bench)
