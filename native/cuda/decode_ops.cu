@@ -630,9 +630,9 @@ extern "C" int m3e_attn_decode(const m3e_attn_args* a, void* stream) {
   if (a->splits != splits || a->chunk != chunk) return M3E_ERR_ARG;
   if (splits > 1 && (!a->workspace || !a->counters)) return M3E_ERR_WORKSPACE;
   if (!a->pos_dev && (a->pos0 < 0 || a->pos0 >= a->keys)) return M3E_ERR_SHAPE;
-  if ((reinterpret_cast<uintptr_t>(a->qkv) | reinterpret_cast<uintptr_t>(a->k_cache) |
-       reinterpret_cast<uintptr_t>(a->v_cache)) & 15)
-    return M3E_ERR_ALIGN;
+  for (const void* q : {a->qkv, a->cos, a->sin, a->q_norm, a->k_norm, (const void*)a->k_cache, (const void*)a->v_cache,
+                        (const void*)a->workspace})
+    if (reinterpret_cast<uintptr_t>(q) & 15) return M3E_ERR_ALIGN;  // 16-byte copies (NULL passes)
   auto s = static_cast<cudaStream_t>(stream);
   const int pdl = m3e::pdl_capable();
   if (pdl < 0) return M3E_ERR_CUDA;
