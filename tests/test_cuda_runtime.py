@@ -502,6 +502,20 @@ def test_attn_decode_kernel_matches_the_reference(dtype, head_dim, nh, nkv, qk_n
 
 
 @pytest.mark.gpu
+def test_attn_decode_refuses_misaligned_inputs():
+    """cos / sin at an odd offset (a view): one sentence, not a misaligned-address fault."""
+    from m3edge.runtime import native
+
+    D, nh, nkv, bf = 64, 4, 2, torch.bfloat16
+    qkv = torch.zeros(1, (nh + 2 * nkv) * D, dtype=bf, device="cuda")
+    cs = torch.zeros(1, D + 1, dtype=bf, device="cuda")[:, 1:]
+    kc = torch.zeros(nkv, 16, D, dtype=bf, device="cuda")
+    with pytest.raises(ValueError, match="attn_decode: every pointer must be 16-byte aligned"):
+        native.attn_decode(qkv, None, None, cs, cs, kc, kc.clone(), None, 3, 8, nh, nkv, 1e-6,
+                           native.attn_workspace(nh, nkv, D, "cuda"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rmsnorm_kernel_matches_f_rms_norm(dtype):
     import torch.nn.functional as F
