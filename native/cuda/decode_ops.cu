@@ -282,14 +282,14 @@ __global__ void rope_qkv_kernel(m3e_rope_args a) {
 
 
 // Decode attention (m3e_attn_decode): grid (nkv, splits), ATT_THREADS threads. A CTA serves the G =
-// nh / nkv q heads of one kv head over one chunk of slots. The prologue recomputes the new token's q
-// (G heads) and k as rope_qkv_kernel does (RMS norm, RoPE, each step rounded to the activation type);
-// the slot pos is read from those registers, never from the cache (the chunk holding pos writes it
-// there). The slots: lanes of a key group (D / 8 lanes, 8 elements each) share a key; the CTA's key
-// groups take consecutive slots, ATT_KPT per pass, with an online softmax per group in fp32; the groups
-// are merged in shared memory, then (splits > 1) the chunks in the workspace by the head's last CTA.
-// Launched as a programmatic dependent: the old slots are prefetched to L2 before the wait, and the
-// next launch (the o GEMM) may start streaming its weights at once.
+// nh / nkv q heads of one kv head over one chunk of slots, one warp per q head. Its chunk's old slots
+// (K and V) are copied into shared memory (cp.async) before the programmatic-dependent wait, so they
+// overlap the kernel before; the prologue then recomputes the new token's q (G heads) and k as
+// rope_qkv_kernel does (RMS norm, RoPE, each step rounded to the activation type) and puts k and v in
+// the chunk's row for pos (the chunk holding pos also writes them to the cache; no CTA reads pos from
+// the cache). Each warp runs an online softmax in fp32 over its lane groups (D / 8 lanes a key),
+// merged by shuffles; with splits > 1 the chunks' partials are merged in chunk order by the kv head's
+// last CTA. The next launch (the o GEMM) may start streaming its weights at once.
 constexpr int ATT_WARPS = 8;  // one q head a warp
 constexpr int ATT_THREADS = 32 * ATT_WARPS;
 constexpr int ATT_MAXG = ATT_WARPS;
