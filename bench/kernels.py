@@ -143,7 +143,7 @@ MOE_E, MOE_H, MOE_I, MOE_K = 48, 4096, 1536, 8
 MOE_TS = [1, 4, 16, 64, 256, 1024]
 
 
-def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
+def moe_bench(ext, bw: float, out_dir: Path | None, decode_only: bool = False) -> None:
     """Fused MoE (ours, three launches) vs a bf16 loop over the selected experts (torch, cuBLAS) and vs
     per-expert calls of our w4a16_gemm, T = 1..256 tokens. The loops get their per-expert token lists
     precomputed (outside the timing; a real one would sync to build them). GB/s counts the active
@@ -209,7 +209,7 @@ def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
     # the kernel sweep: the decode kernel (tiles of <= 8 pairs) against the mma tile kernel at 16, 32
     # and 64 pairs per tile, for the sizes where the plan's choice changes (295: the benchmark's image
     # + audio + text prompt)
-    for T in (8, 16, 32, 64, 128, 295, 1024):
+    for T in () if decode_only else (8, 16, 32, 64, 128, 295, 1024):
         xs = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         ids_s, w_s, _ = routing(T, 2)
         o_s = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
@@ -225,7 +225,7 @@ def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     breakdown = {}
-    for T in (1, 16, 295):
+    for T in (1, 16) if decode_only else (1, 16, 295):
         xs = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         rs = [routing(T, 7 + i) for i in range(6)]
         o_s = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
@@ -246,7 +246,7 @@ def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
 
     rows = []
     n_sets = 6
-    for T in MOE_TS:
+    for T in [t for t in MOE_TS if t <= 16] if decode_only else MOE_TS:
         sets = [routing(T, 100 * T + i) for i in range(n_sets)]
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
@@ -268,6 +268,20 @@ def moe_bench(ext, bw: float, out_dir: Path | None) -> None:
                      "g_active": active, "g_ours_us": g_ours, "g_GBs": gbytes / g_ours / 1e3,
                      "g_pct_copy": 100 * gbytes / g_ours / 1e3 / bw, "g_bf16_loop_us": g_bf16, "g_w4_loop_us": g_loop,
                      "g_vs_bf16": g_bf16 / g_ours, "g_vs_w4_loop": g_loop / g_ours})
+
+    # one token with nine slots: the runtime's call (the shared expert as a ninth slot), six routings
+    ids9 = [torch.randperm(E, device="cuda")[:K + 1].view(1, K + 1).int() for _ in range(n_sets)]
+    w9 = torch.softmax(torch.randn(1, K + 1, device="cuda"), -1).to(torch.bfloat16)
+    x9, o9 = torch.randn(1, H, device="cuda", dtype=torch.bfloat16), torch.empty(1, H, device="cuda", dtype=torch.bfloat16)
+    t9 = timed(lambda: native.moe_w4a16(x9, ids9[0], w9, ex, out=o9))
+    g9 = try_graph_us(lambda i: native.moe_w4a16(x9, ids9[i], w9, ex, out=o9), n_sets)
+    b9 = (K + 1) * ebytes + 2 * H * 2
+    print(f"moe T=1, {K + 1} slots (the runtime's call): {t9:.1f} us flushed ({100 * b9 / t9 / 1e3 / bw:.0f}% of copy), "
+          f"{g9:.1f} us in a graph ({100 * b9 / g9 / 1e3 / bw:.0f}%); plan {ext.moe_plan(1, K + 1, E, H, I, G)}")
+    forced = {f"{nsg}/{nsd}": try_graph_us(lambda i, nsg=nsg, nsd=nsd: native.moe_w4a16(
+        x9, ids9[i], w9, ex, out=o9, ns_gu=nsg, ns_dn=nsd), n_sets)
+        for nsg, nsd in ((2, 8), (4, 4), (4, 8), (4, 16), (8, 4), (8, 8), (8, 16), (16, 16))}
+    print(f"moe T=1, {K + 1} slots, graph us by ns_gu/ns_dn: " + ", ".join(f"{k_}:{v:.1f}" for k_, v in forced.items()))
 
     def md(p: str) -> str:
         lines = ["| T | experts | ours us | GB/s | % copy | bf16 loop us | w4a16 loop us | x bf16 loop | x w4a16 loop |"
@@ -298,6 +312,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--moe", action="store_true", help="only the fused MoE section (M3-Lite experts)")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 1 and 16")
+    ap.add_argument("--decode", action="store_true", help="the decode kernel's sizes only: every shape, M = 1 and 4, "
+                    "no plan sweep (with --moe: T <= 16, the slab sweep, no kernel sweep)")
     ap.add_argument("--flush", choices=["read", "write"], default="read", help="how L2 is flushed (flush_l2)")
     ap.add_argument("--profile", action="store_true", help="a few unflushed calls for ncu (M = 1 and 64, 4096x4096)")
     args = ap.parse_args()
@@ -317,7 +333,7 @@ def main() -> None:
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB; "
           f"torch {torch.__version__}; copy bandwidth {bw:.0f} GB/s (1 GiB, read + write)")
     if args.moe:
-        moe_bench(ext, bw, args.out)
+        moe_bench(ext, bw, args.out, decode_only=args.decode)
         return
 
     # the flush's own cost: M = 1, 4096x4096, each way of flushing, and none (8 weight sets in turn, 64 MB)
@@ -362,7 +378,7 @@ def main() -> None:
 
     # the plan against forced kernels, N tiles and split counts (n_tile 128 = the mma tile kernel)
     sweep = []
-    for m, k, n, tiles in [(1, 4096, 4096, (16, 32)), (1, 4096, 14336, (16, 32)), (1, 14336, 4096, (16, 32)),
+    for m, k, n, tiles in [] if args.decode else [(1, 4096, 4096, (16, 32)), (1, 4096, 14336, (16, 32)), (1, 14336, 4096, (16, 32)),
                            (1, 4096, 1536, (16, 32)), (4, 4096, 4096, (16, 32)), (8, 4096, 4096, (16, 32, 64))]:
         wt = our_weights(n, k)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -378,7 +394,7 @@ def main() -> None:
         print(f"sweep M={m} {k}x{n}, n_tile/splits: auto {row['auto']} {row['auto_us']:.1f}us; " +
               ", ".join(f"{kk}:{v:.1f}us" for kk, v in row.items() if "/" in kk and kk != "auto"))
 
-    shapes, ms = (SHAPES[:2], [1, 16]) if args.quick else (SHAPES, MS)
+    shapes, ms = (SHAPES[:2], [1, 16]) if args.quick else (SHAPES, [1, 4]) if args.decode else (SHAPES, MS)
     rows = []
     for k, n in shapes:
         wt = our_weights(n, k)

@@ -187,7 +187,7 @@ extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int
   plan->tiles_gu = tile_bound(n, E, plan->mr_gu);
   plan->tiles_dn = tile_bound(n, E, plan->mr_dn);
   plan->slot_floats = (size_t)n * H;
-  plan->n_counters = T * (H / (16 * plan->ns_dn));
+  plan->n_counters = T * (H / (16 * plan->ns_dn)) + (T == 1 ? 2 * topk : 0);  // + the pairs' (decode kernel)
   return M3E_OK;
 }
 
@@ -208,15 +208,7 @@ static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool 
   if (L.total > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
   p.M = mr;
   p.cps = K / 64;
-  p.ns = ns;
-  p.wk_shift = 0;
-  while ((ns << (p.wk_shift + 1)) <= DWARPS) p.wk_shift++;  // log2(DWARPS / ns)
-  p.xstride = K + 8;
-  p.gs = L.gs;
-  p.sm_meta = L.meta;
-  p.sm_raw_s = L.raw_s;
-  p.sm_raw_2 = L.raw_2;
-  p.sm_ring = L.ring;
+  decode_layout(p, L, ns, K / 64);
   *smem = L.total;
   return M3E_OK;
 }
@@ -330,7 +322,12 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles);
   p.norm_w = static_cast<const uint16_t*>(a->norm_w);
   p.norm_eps = a->norm_eps;
-  if (int rc = launch(EPI_GATE_UP, dim3(direct ? n : plan.tiles_gu, gy_gu), smem); rc != M3E_OK) return rc;
+  if (direct) {  // the pairs' counts after down's arrival counters (m3e_moe_plan)
+    p.moe_ready = a->counters + gy_dn;
+    p.moe_ready_target = gy_gu;
+  }
+  if (int rc = launch(EPI_GATE_UP, direct ? dim3(gy_gu, n) : dim3(plan.tiles_gu, gy_gu), smem); rc != M3E_OK)
+    return rc;
   p.norm_w = nullptr;
 
   // down: the intermediate's rows, weighted slot outputs, summed per token by its last slot
@@ -338,5 +335,5 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
     return rc;
   down_io(p, *a);
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;
-  return launch(EPI_DOWN, dim3(direct ? n : plan.tiles_dn, gy_dn), smem);
+  return launch(EPI_DOWN, direct ? dim3(gy_dn, n) : dim3(plan.tiles_dn, gy_dn), smem);
 }

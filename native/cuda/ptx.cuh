@@ -76,6 +76,18 @@ __device__ __forceinline__ void sts_u4(uint32_t saddr, uint4 v) {
                : "memory");
 }
 
+// Makes v opaque to the compiler at this point, so that a loop uses the register rather than
+// recomputing v from the thread index in every iteration (ptxas rematerialized the decode kernel's
+// lane addresses and constants in every block: ~20 instructions of ~95, NOTES.md v12).
+__device__ __forceinline__ void pin(uint32_t& v) { asm volatile("" : "+r"(v)); }
+
+// A 32-bit load with acquire semantics at GPU scope (a flag another CTA sets after its stores).
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // (a & b) | c in one instruction: lut = (0xf0 & 0xcc) | 0xaa.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
@@ -143,7 +155,8 @@ inline int pdl_capable() {
 }
 
 // Launch `kern` on `stream`, as a programmatic dependent of the stream's previous kernel when pdl
-// (the kernel must call pdl_wait before reading what earlier launches wrote, and before it ends).
+// (the kernel must call pdl_wait before reading what earlier launches wrote; the one-token MoE down
+// launch instead waits on per-pair counts that imply it, w4a16_decode.cuh).
 template <typename... P, typename... A>
 cudaError_t launch_kernel(void (*kern)(P...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
                           A&&... args) {

@@ -151,15 +151,7 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
     p.pdl = pdl;
     const DecodeSmem L(a->M, a->n_tile / 16, cps, gshift, a->G, has_min, a->zeros != nullptr);
     if (L.total > DECODE_SMEM_MAX) return M3E_ERR_ARG;  // splits not from the plan
-    p.ns = a->n_tile / 16;
-    p.wk_shift = 0;
-    while ((p.ns << (p.wk_shift + 1)) <= DWARPS) p.wk_shift++;  // log2(DWARPS / ns)
-    p.xstride = cps * 64 + 8;
-    p.gs = L.gs;
-    p.sm_meta = L.meta;
-    p.sm_raw_s = L.raw_s;
-    p.sm_raw_2 = L.raw_2;
-    p.sm_ring = L.ring;
+    decode_layout(p, L, a->n_tile / 16, cps);
     const int smem = L.total;
     const dim3 grid(a->N / a->n_tile, a->splits);
     return a->act_bf16 ? launch_decode_bf16(p, grid, smem, s) : launch_decode_f16(p, grid, smem, s);

@@ -82,7 +82,7 @@ struct Params {
   const uint16_t* res;           // GEMM: [M][N] added to the (16-bit) output (m3e_w4a16_args residual)
   // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
   // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
-  int ns, wk_shift, xstride, gs, sm_meta, sm_raw_s, sm_raw_2, sm_ring;
+  int ns, wk_shift, xstride, gs, sm_meta, sm_sx, sm_raw_s, sm_raw_2, sm_ring;
   // fused MoE launches of the decode kernel only (moe.cu): w/s/mn/zp are stacked over experts; the
   // (token, slot) pairs t topk + j sorted by expert; one token tile per CTA column {expert, first
   // entry of moe_rows, rows (0: no work), 0}; the routing weights [T topk], fp32 (rw_f32) or the
@@ -95,6 +95,10 @@ struct Params {
   // from the ids [T topk] (int64 when ids_i64); an id outside [0, moe_E) is a zero slot
   const void* moe_ids;
   int ids_i64, moe_E;
+  // one token (no tile list): per pair, gate+up's CTAs that have stored [topk], then down's CTAs that
+  // have seen all of them [topk]; down waits for moe_ready_target (gate+up's N tiles) of its pair
+  int* moe_ready;
+  int moe_ready_target;
   int topk, rw_f32;
 };
 

@@ -6,8 +6,12 @@
 // blocks in flight, each lane copying (cp.async) and later reading back only its own 16 bytes, so
 // the K loop has no barrier; the activations (M x K, small) and the scales are staged once per CTA
 // and requested before the weights, and x is read as mma B fragments by ldmatrix.
-// Same repacked layout and the same arithmetic as the tile kernel (swap AB, integer A fragment, the
-// group scale applied in fp32 per 32-k half block), so both paths are exact to fp32 rounding.
+// Same repacked layout as the tile kernel (swap AB); the arithmetic differs in one step (v12): the A
+// fragment is C + u straight from the lop3 (no subtraction: 7 instructions per 8 weights in place of
+// 11), and the C' sum_k x that this adds is taken off by starting each half block's fp32 accumulator
+// at -C' sum_k x, summed once per CTA. The products are still exact; the sums now carry values ~C'
+// times larger than the result, so the fp32 rounding is ~2^-19 relative rather than ~2^-24 (the
+// parity bound is 1e-3).
 //
 //   grid = (N / (16 NS), splits); CTA = 16 warps = NS slabs (16 rows of N) x WK = 16 / NS warps along K
 //
@@ -53,18 +57,22 @@ static inline int decode_groups(int cps, int gshift, int G) {
 
 // Shared memory of a decode CTA (host side; the kernel gets the offsets in Params):
 //   x     [M][64 cps + 8] halves (cp.async); +16 B per row so an ldmatrix phase's 8 rows hit 8 bank groups
-//   meta  [NS][2 cps half blocks][8 rows r] float2 {s_r, s_r+8}, or float4 {s_r, s_r+8, m_r, m_r+8} in
-//         the affine form: each 32-k half block's scale (and minimum), expanded from the groups once
-//         per CTA so that the K loop reads them with one load at the same offset as x
+//   meta  [NS][units][8 rows r] float2 {s_r, s_r+8}, or float4 {s_r, s_r+8, m_r, m_r+8} in the affine
+//         form: each unit's scale (and minimum), expanded from the groups once per CTA so that the K
+//         loop reads them with one load; a unit is a 32-k half block for group 32, else a 64-k block
+//   sx    [2 cps half blocks][M rounded up to even] float: -C' times the half block's sum of a row of
+//         x (see the K loop)
 //   raw   [NS][gs][16] scales as stored, then minimums (16-bit) or zero points (bytes) (cp.async)
 //   ring  [warp][DU][32 lanes] 16 B: the weights in flight
 // After the K loop the warps' C fragments reuse the space from offset 0.
 struct DecodeSmem {
-  int gs, meta, raw_s, raw_2, ring, total;
+  int gs, meta, sx, raw_s, raw_2, ring, total;
   DecodeSmem(int M, int ns, int cps, int gshift, int G, bool has_min, bool has_zp) {
+    const int units = gshift == 5 ? 2 * cps : cps;
     gs = decode_groups(cps, gshift, G);
     meta = align16(M * (cps * 64 + 8) * 2);
-    raw_s = meta + ns * 2 * cps * 8 * (has_min || has_zp ? 16 : 8);
+    sx = meta + ns * units * 8 * (has_min || has_zp ? 16 : 8);
+    raw_s = sx + align16(2 * cps * ((M + 1) & ~1) * 4);
     raw_2 = raw_s + align16(ns * gs * 32);
     ring = raw_2 + align16(has_min ? ns * gs * 32 : has_zp ? ns * gs * 16 : 0);
     total = ring + DWARPS * DU * 512;
@@ -73,9 +81,23 @@ struct DecodeSmem {
   }
 };
 
+// The layout fields of Params for a decode launch of ns slabs per CTA over K slices of cps blocks.
+static inline void decode_layout(Params& p, const DecodeSmem& L, int ns, int cps) {
+  p.ns = ns;
+  p.wk_shift = 0;
+  while ((ns << (p.wk_shift + 1)) <= DWARPS) p.wk_shift++;  // log2(DWARPS / ns)
+  p.xstride = cps * 64 + 8;
+  p.gs = L.gs;
+  p.sm_meta = L.meta;
+  p.sm_sx = L.sx;
+  p.sm_raw_s = L.raw_s;
+  p.sm_raw_2 = L.raw_2;
+  p.sm_ring = L.ring;
+}
+
 // BF16: activation dtype. AFFINE: w = u s + m with u = q + 8 in [0, 15]: the float-minimum form, and
-// the zero-point form with m = -s (z + 8); one more mma per step with A = ones gives sum_k x (as in
-// the tile kernel), and m sum_k x is added per half block. 2 CTAs per SM: 64 registers (48 / 64 used).
+// the zero-point form with m = -s (z + 8); m sum_k x is added per scale unit from the same sums of x
+// that correct the A fragment. 2 CTAs per SM: 64 registers.
 // EPI: the epilogue (Epilogue); the MoE ones read their rows and expert from the tile list (or, with
 // none, their one pair's expert from the ids).
 template <bool BF16, bool AFFINE, int EPI>
@@ -84,11 +106,16 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   __shared__ int s_last;
   constexpr bool MOE = EPI != EPI_GEMM;
   constexpr int E = AFFINE ? 16 : 8;  // meta entry bytes
+  constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;  // C in both halves: EX | u = C + u (w4a16.cuh)
+  constexpr uint32_t ONE2 = BF16 ? 0x3F803F80u : 0x3C003C00u;
   const uint32_t sb = smem_u32(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wks = p.wk_shift, wk = 1 << wks, ns = p.ns, sl = warp >> wks, kp = warp & (wk - 1);
   const int K = p.K, cps = p.cps, gshift = p.gshift, gs = p.gs, xstride = p.xstride;
-  // GEMM: grid (N tiles, splits). MoE: grid (token tiles, N tiles), one slice, the tile's expert
+  // GEMM: grid (N tiles, splits). MoE: grid (token tiles, N tiles), one slice, the tile's expert; at
+  // one token (no tile list) grid (N tiles, pairs): CTAs start pair by pair, so gate+up finishes its
+  // pairs in order and down's CTAs, started in the same order, wait for their own pair only
+  const bool direct = MOE && !p.moe_tiles;
   int rows = p.M, row0 = 0, expert = 0;
   if constexpr (EPI == EPI_GATE_UP) {
     // launched dependent on the grouping (sm_90): its tiles are read next; once every gate+up CTA is
@@ -103,15 +130,15 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       expert = t.x;
       row0 = t.y;
       rows = t.z;
-    } else {  // one pair per CTA column, no grouping launch (moe.cu: one token)
-      const long long id = p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[blockIdx.x]
-                                     : static_cast<const int*>(p.moe_ids)[blockIdx.x];
-      row0 = blockIdx.x;
+    } else {  // one pair per CTA row, no grouping launch (moe.cu: one token)
+      const long long id = p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[blockIdx.y]
+                                     : static_cast<const int*>(p.moe_ids)[blockIdx.y];
+      row0 = blockIdx.y;
       rows = 1;
       expert = id >= 0 && id < p.moe_E ? (int)id : -1;
     }
   }
-  const int ntile = MOE ? blockIdx.y : blockIdx.x;
+  const int ntile = MOE && !direct ? blockIdx.y : blockIdx.x, ntiles = MOE && !direct ? gridDim.y : gridDim.x;
   const int slab0 = ntile * ns, kb_lo = MOE ? 0 : blockIdx.y * cps;
   // the r-th pair of a MoE tile: the grouped list's entry, or the CTA's own pair
   auto pair_of = [&](int r) { return p.moe_tiles ? p.moe_rows[row0 + r] : row0 + r; };
@@ -119,7 +146,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     if constexpr (EPI == EPI_DOWN) {
       __shared__ int s_tok;
       pdl_wait();  // the slots and counters of the launch before are settled
-      moe_down_store<BF16, DTHREADS>(p, 1, slab0 * 16, 16 * ns, ntile, gridDim.y, pair_of,
+      moe_down_store<BF16, DTHREADS>(p, 1, slab0 * 16, 16 * ns, ntile, ntiles, pair_of,
                                      [](int, int) { return 0.f; }, &s_tok);
     }
     return;
@@ -185,7 +212,23 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   //    x is gate+up's output: with the dependent launch (sm_90) its CTAs get here while gate+up
   //    drains, so x is requested only after the wait, and all groups are awaited (x is the last)
   if (late_x) {
-    pdl_wait();
+    if (EPI == EPI_DOWN && direct) {
+      // one token: wait for this pair's gate+up CTAs only (their arrival count), not the whole launch,
+      // so down's CTAs fill the SMs that gate+up's last wave leaves idle. Every gate+up CTA has passed
+      // its own wait before any down CTA starts (the dependent launch), so what it read is settled,
+      // and down's last store to out needs every pair here: gate+up has read x by then. The pair's
+      // last reader zeroes both counts for the next call.
+      if (tid == 0) {
+        while (ld_acquire(p.moe_ready + row0) < p.moe_ready_target) __nanosleep(32);
+        if (atomicAdd(p.moe_ready + p.topk + row0, 1) == ntiles - 1) {
+          p.moe_ready[row0] = 0;
+          p.moe_ready[p.topk + row0] = 0;
+        }
+      }
+      __syncthreads();
+    } else {
+      pdl_wait();
+    }
     stage_x();
     cp_async_commit();
     cp_async_wait<0>();
@@ -222,19 +265,59 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
           sts_u4(a, scale8_bits<BF16>(lds_u4(a), __ldg(nw + v), rr));
         }
       }
-      // (the barrier after the scale expansion below orders these writes before the K loop's reads)
+      __syncthreads();  // the normed rows, before the sums of x below read them
     }
   }
+  // The A fragment holds C + u (u = q + 8 in [0, 15], C = 128 in bf16, 1024 in fp16: one lop3 per two
+  // weights, exact), so the tensor cores sum x (C + u); the C' sum_k x the form needs taken off
+  // (C' = C + 8 symmetric, C affine) starts the half block's accumulator: sx[hb][m] = -C' times the
+  // sum of row m of x over half block hb, here, once per CTA: 4 threads a half block, 16 bytes of
+  // every row each, all rows' loads issued together (the weights' ring is only DU blocks deep, so
+  // this prologue's latency is the stream's; an mma with A = ones, a dependent pair per half block
+  // and warp, was 0.3-1.1 us slower at M = 1, NOTES.md v12)
+  constexpr float CX = BF16 ? 128.f : 1024.f;
+  constexpr float CS = AFFINE ? CX : CX + 8.f;
+  const int nu = 2 * nkb;         // half blocks of the slice
+  const int mp = (p.M + 1) & ~1;  // sx entries a half block; columns past the tile's rows are left
+                                  // unset (their products are never stored)
+#pragma unroll 1
+  for (int i0 = warp * 32; i0 < nu * 4; i0 += DTHREADS) {  // i: (half block, quarter); whole warps
+    const int i = i0 + lane, hb = i >> 2;
+    const uint32_t xi = sb + min(i, nu * 4 - 1) * 16;  // (a lane past the slice reads a valid vector)
+#pragma unroll 1
+    for (int r0 = 0; r0 < rows; r0 += 4) {  // 4 rows' loads at a time (8 spilled in the MoE down kernel)
+      uint4 v[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        if (r0 + r >= rows) break;
+        v[r] = lds_u4(xi + (r0 + r) * xstride * 2);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        if (r0 + r >= rows) break;
+        float sum = dot8_bits<BF16>(v[r], make_uint4(ONE2, ONE2, ONE2, ONE2));
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if ((i & 3) == 0 && hb < nu)
+          *reinterpret_cast<float*>(smem + p.sm_sx + (hb * mp + r0 + r) * 4) = -CS * sum;
+      }
+    }
+  }
+  // ldmatrix.x4 row of this lane: row lane & 7 (rows past M repeat row M - 1: their product columns
+  // are never stored), k offset 8 (lane >> 3) = matrix lane >> 3
+  const uint32_t xl = sb + (min(lane & 7, rows - 1) * xstride + (lane >> 3) * 8) * 2;
+  const int hus = gshift == 5, nm = nkb << hus;  // meta units a block (log2), of the slice
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)
 #pragma unroll 1
-    for (int e = tid; e < nkb * 16; e += DTHREADS) {
-      const int hb = e >> 3, r = e & 7;
-      const int raw = (s * gs + (((kb_lo * 64 + hb * 32) >> gshift) - g_lo)) * 16 + r;
+    for (int e = tid; e < nm * 8; e += DTHREADS) {
+      const int un = e >> 3, r = e & 7;
+      const int raw = (s * gs + (((kb_lo * 64 + (un << (6 - hus))) >> gshift) - g_lo)) * 16 + r;
       const uint16_t* rs = reinterpret_cast<const uint16_t*>(smem + p.sm_raw_s);
       const float s_lo = bits_to_float(rs[raw], p.scale_bf16), s_hi = bits_to_float(rs[raw + 8], p.scale_bf16);
-      uint8_t* dst = smem + p.sm_meta + ((s * 2 * cps + hb) * 8 + r) * E;
+      uint8_t* dst = smem + p.sm_meta + ((s * nm + un) * 8 + r) * E;
       if constexpr (AFFINE) {
+        // w = u s + m: the accumulator holds sum x u, and m sum_k x = (m / -C) sx (a power of two: exact)
         float m_lo, m_hi;
         if (p.mn) {
           const uint16_t* rm = reinterpret_cast<const uint16_t*>(smem + p.sm_raw_2);
@@ -245,7 +328,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
           m_lo = -s_lo * (float)rz[raw];
           m_hi = -s_hi * (float)rz[raw + 8];
         }
-        *reinterpret_cast<float4*>(dst) = make_float4(s_lo, s_hi, m_lo, m_hi);
+        *reinterpret_cast<float4*>(dst) = make_float4(s_lo, s_hi, m_lo * (-1.f / CX), m_hi * (-1.f / CX));
       } else {
         *reinterpret_cast<float2*>(dst) = make_float2(s_lo, s_hi);
       }
@@ -254,72 +337,73 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
 
   // 4. the K loop: this warp's blocks kp, kp + wk, ... of slab sl; block i's slot is refilled with
   //    block i + DU once its 16 bytes are in registers, so DU - 1 to DU stay in flight
-  constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;  // magic-number dequantization (w4a16.cuh)
-  constexpr uint32_t ONE2 = BF16 ? 0x3F803F80u : 0x3C003C00u;
-  // -(EX + 8) in both halves gives q = u - 8 (symmetric); -EX gives u (affine)
-  constexpr uint32_t NEG2 = (BF16 ? (AFFINE ? 0xC300u : 0xC308u) : (AFFINE ? 0xE400u : 0xE408u)) * 0x10001u;
-  // ldmatrix.x4 row of this lane: row lane & 7 (rows past M repeat row M - 1: their product columns
-  // are never stored), k offset 8 (lane >> 3) = matrix lane >> 3; then block kp
-  const uint32_t xa = sb + (min(lane & 7, rows - 1) * xstride + (lane >> 3) * 8 + kp * 64) * 2;
-  // this lane's meta entries (rows g, g + 8) from block kp: 16 E bytes per block
-  const uint32_t ma = sb + p.sm_meta + ((sl * 2 * cps + 2 * kp) * 8 + (lane >> 2)) * E;
+  const uint32_t xa = xl + kp * 128;  // this lane's ldmatrix row, block kp
+  // this lane's meta entries (rows g, g + 8) and sx entries (columns 2t, 2t + 1; a column pair past
+  // the tile's rows reads the last pair), from block kp; mh, sh: the second half block's offsets
+  uint32_t ma = sb + p.sm_meta + ((sl * nm + (kp << hus)) * 8 + (lane >> 2)) * E;
+  uint32_t sa = sb + p.sm_sx + (2 * kp * mp + min(2 * (lane & 3), mp - 2)) * 4;
+  uint32_t mh = hus * 8 * E, sh = mp * 4;
+  // bytes to this warp's next block: x, meta, sx, weights; pinned in registers (ptx.cuh pin)
+  uint32_t xstep = wk * 128, mstep = (wk << hus) * 8 * E, sstep = wk * 2 * mp * 4, wstep_ = wstep;
+  uint32_t ex = EX, xa_ = xa, ring_ = ring;
+  pin(ma), pin(sa), pin(mh), pin(sh), pin(ex), pin(xa_), pin(ring_);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
-  // one block: 4 k16 steps in two 32-k halves (the smallest group); each half's integer partial sum
-  // is scaled into acc in fp32 (the precision note in w4a16.cuh). xo: the block's offset in x, bytes
-  // (128 per block), from block kp.
+  // one block: 4 k16 steps, two 32-k half blocks with an accumulator each (two independent mma
+  // chains). Each starts at its sx (the C' sum_k x taken off, fp32) and is scaled into acc in fp32 at
+  // the block's end by its unit's scale. xo: the block's offset in x, bytes (128 per block), from
+  // block kp.
   auto block = [&](const uint4& w, uint32_t xo) {
     const uint32_t qw[4] = {w.x, w.y, w.z, w.w};
     uint32_t b[8];
-    ldmatrix_x4(&b[0], xa + xo);
-    ldmatrix_x4(&b[4], xa + xo + 64);
+    ldmatrix_x4(&b[0], xa_ + xo);
+    ldmatrix_x4(&b[4], xa_ + xo + 64);
+    float tmp[2][4];
+    float2 c[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float tmp[4] = {0.f, 0.f, 0.f, 0.f}, tsx[4] = {0.f, 0.f, 0.f, 0.f};
+      c[h] = lds64(h ? sa + sh : sa);
+      tmp[h][0] = c[h].x, tmp[h][1] = c[h].y, tmp[h][2] = c[h].x, tmp[h][3] = c[h].y;
+    }
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        const uint32_t qv = qw[2 * h + jj];  // nibble order: w4a16.cuh step()
-        uint32_t a[4];
-        a[0] = fma2<BF16>(and_or(qv, 0x000f000fu, EX), ONE2, NEG2);
-        a[1] = fma2<BF16>(and_or(qv >> 4, 0x000f000fu, EX), ONE2, NEG2);
-        a[2] = fma2<BF16>(and_or(qv >> 8, 0x000f000fu, EX), ONE2, NEG2);
-        a[3] = fma2<BF16>(and_or(qv >> 12, 0x000f000fu, EX), ONE2, NEG2);
-        const int st = 4 * h + 2 * jj;
-        mma16816<BF16>(tmp, a, b[st], b[st + 1]);
-        if constexpr (AFFINE) {
-          const uint32_t ones[4] = {ONE2, ONE2, ONE2, ONE2};
-          mma16816<BF16>(tsx, ones, b[st], b[st + 1]);
-        }
-      }
-      const uint32_t e = ma + xo * (E / 8) + h * 8 * E;  // half block 2 kb + h
-      if constexpr (AFFINE) {  // + m sum_k x; tsx[0..1] = sum_k x of columns 2t, 2t + 1
-        const float4 sm = lds128(e);
-        acc[0] += sm.x * tmp[0] + sm.z * tsx[0];
-        acc[1] += sm.x * tmp[1] + sm.z * tsx[1];
-        acc[2] += sm.y * tmp[2] + sm.w * tsx[0];
-        acc[3] += sm.y * tmp[3] + sm.w * tsx[1];
+    for (int st = 0; st < 4; ++st) {
+      const uint32_t qv = qw[st];  // nibble order: w4a16.cuh step()
+      const uint32_t a[4] = {and_or(qv, 0x000f000fu, ex), and_or(qv >> 4, 0x000f000fu, ex),
+                             and_or(qv >> 8, 0x000f000fu, ex), and_or(qv >> 12, 0x000f000fu, ex)};
+      mma16816<BF16>(tmp[st >> 1], a, b[2 * st], b[2 * st + 1]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float* t = tmp[h];
+      if constexpr (AFFINE) {  // + (m / -C) sx: the half block's m sum_k x
+        const float4 sm = lds128(h ? ma + mh : ma);
+        acc[0] += sm.x * t[0] + sm.z * c[h].x;
+        acc[1] += sm.x * t[1] + sm.z * c[h].y;
+        acc[2] += sm.y * t[2] + sm.w * c[h].x;
+        acc[3] += sm.y * t[3] + sm.w * c[h].y;
       } else {
-        const float2 sc = lds64(e);
-        acc[0] += sc.x * tmp[0];
-        acc[1] += sc.x * tmp[1];
-        acc[2] += sc.y * tmp[2];
-        acc[3] += sc.y * tmp[3];
+        const float2 sc = lds64(h ? ma + mh : ma);
+        acc[0] += sc.x * t[0];
+        acc[1] += sc.x * t[1];
+        acc[2] += sc.y * t[2];
+        acc[3] += sc.y * t[3];
       }
     }
+    ma += mstep;
+    sa += sstep;
   };
 
-  const uint32_t xstep = wk * 128;  // x bytes from one of this warp's blocks to the next
   uint32_t xo = 0;
   for (int i0 = 0; i0 < nb; i0 += DU) {
 #pragma unroll
     for (int u = 0; u < DU; ++u) {
       if (i0 + u < nb) {
         cp_async_wait<DU - 1>();  // this lane's copy of block i0 + u landed (one group per block)
-        block(lds_u4(ring + u * 512), xo);
+        block(lds_u4(ring_ + u * 512), xo);
         xo += xstep;
-        if (i0 + u + DU < nb) cp_async16(ring + u * 512, wn);
+        if (i0 + u + DU < nb) cp_async16(ring_ + u * 512, wn);
         cp_async_commit();  // even when empty: the wait above counts groups
-        wn += wstep;
+        wn += wstep_;
       }
     }
   }
@@ -349,10 +433,18 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   if constexpr (MOE) {
     __shared__ int s_token[DECODE_MAX_M];
     auto val = [&](int m, int c) { return reduced(c >> 4, c & 15, m); };
-    if constexpr (EPI == EPI_GATE_UP)
+    if constexpr (EPI == EPI_GATE_UP) {
       moe_gate_up_store<BF16, DTHREADS>(p, rows, n0, nrow, pair_of, val);
-    else
-      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, gridDim.y, pair_of, val, s_token);
+      if (direct) {  // one more of this pair's CTAs has stored (the fence pattern of the split-K fixup)
+        __syncthreads();
+        if (tid == 0) {
+          __threadfence();
+          atomicAdd(p.moe_ready + row0, 1);
+        }
+      }
+    } else {
+      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, ntiles, pair_of, val, s_token);
+    }
     return;
   }
 
