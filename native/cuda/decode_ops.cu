@@ -27,6 +27,18 @@ struct Act<false> {
   static __device__ __forceinline__ T t(float v) { return __float2half(v); }
 };
 
+// q / k RMS norm and RoPE with the reference's roundings (F.rms_norm: one rounding of x r w; RoPE:
+// x c and rotate_half(x) s each rounded, then their sum), shared by rope_qkv_kernel and the decode
+// attention's prologue, whose outputs must agree bit for bit.
+template <class A>
+__device__ __forceinline__ float norm_rounded(float v, float r, float w) {
+  return A::f(A::t(v * r * w));
+}
+template <class A>
+__device__ __forceinline__ typename A::T rope_rounded(float v, float partner, float c, float s) {
+  return A::t(A::f(A::t(v * c)) + A::f(A::t(partner * s)));
+}
+
 constexpr int MAX_EXPERTS = 256;  // 8 per lane of the selecting warp
 constexpr int MAX_TOPK = 16;
 
@@ -266,14 +278,14 @@ __global__ void rope_qkv_kernel(m3e_rope_args a) {
   const T* nw = static_cast<const T*>(is_q ? a.q_norm : a.k_norm);
   if (nw) {  // F.rms_norm: fp32 throughout, one rounding
     const float ss = block_sum(v * v, scratch);
-    v = A::f(A::t(v * rsqrtf(ss / D + a.eps) * A::f(nw[d])));
+    v = norm_rounded<A>(v, rsqrtf(ss / D + a.eps), A::f(nw[d]));
   }
   rotated[d] = v;
   __syncthreads();
   const float c = A::f(static_cast<const T*>(a.cos)[(size_t)t * D + d]);
   const float s = A::f(static_cast<const T*>(a.sin)[(size_t)t * D + d]);
   const float partner = d < half ? -rotated[d + half] : rotated[d - half];
-  const T out = A::t(A::f(A::t(v * c)) + A::f(A::t(partner * s)));
+  const T out = rope_rounded<A>(v, partner, c, s);
   if (is_q)
     static_cast<T*>(a.q_out)[((size_t)h * a.T + t) * D + d] = out;
   else
@@ -376,10 +388,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     const float f = rf[r];
     auto normed = [&](int e) {
       const float v = A::f(in[r * D + e]);
-      return nrm ? A::f(A::t(v * f * A::f(nw[e]))) : v;
+      return nrm ? norm_rounded<A>(v, f, A::f(nw[e])) : v;
     };
     const float v = normed(d), partner = d < half ? -normed(d + half) : normed(d - half);
-    const T o = A::t(A::f(A::t(v * A::f(cs[d]))) + A::f(A::t(partner * A::f(sn[d]))));
+    const T o = rope_rounded<A>(v, partner, A::f(cs[d]), A::f(sn[d]));
     if (r < G) {
       qs[i] = o;
     } else {
