@@ -1,4 +1,4 @@
-"""W4A16 GEMM benchmark: ours vs cuBLAS fp16 (torch.matmul) vs torch's tinygemm int4, one table.
+"""W4A16 GEMM benchmark: ours vs cuBLAS fp16 (torch.matmul), torch's tinygemm int4 and bitsandbytes NF4, one table.
 
 Run on the GPU machine (one run; L2 flushed before every timed call):
     PYTHONPATH=. python3 bench/kernels.py [--out DIR]
@@ -8,7 +8,10 @@ projections 4096x1536 (gate or up) and 1536x4096 (down), M = 1, 4, 16, 64, 256, 
 tinygemm use int4 weights, group 128, bf16 scales, bf16 activations; cuBLAS uses fp16 [N, K] weights.
 GB/s counts the bytes each kernel must move at least once (weights + scales + x + out); % copy is
 that over a device-to-device copy measured in the same run (bytes read + written). bitsandbytes NF4
-(the issue's third baseline) is not installed on the GPU machine and is left out. Before the table:
+(the issue's third baseline; blocksize 64, bf16 weights and activations) runs where `import
+bitsandbytes` works: the GPU machine has no copy, so carry its wheel there (`pip download --no-deps
+--only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2`, 43 MB,
+with libbitsandbytes_cuda130) and put it on PYTHONPATH; without it the NF4 columns read nan. Before the table:
 what each timing method costs an empty kernel and an 8 MiB copy (the floor under the M = 1 times),
 and a sweep of the plan against forced kernels, N tiles and split counts (n_tile 128 = tile kernel).
 
@@ -135,6 +138,19 @@ def tinygemm(n: int, k: int):
         torch._weight_int4pack_mm(x, wp, GROUP, sz)
         return (lambda x: torch._weight_int4pack_mm(x, wp, GROUP, sz)), ""
     except Exception as e:  # noqa: BLE001 - the API differs across torch versions
+        return None, f"{type(e).__name__}: {e}"
+
+
+def nf4(n: int, k: int):
+    """(run(x), note): bitsandbytes NF4 (blocksize 64) of a random bf16 [N, K] weight, x bf16, or (None, why)."""
+    try:
+        import bitsandbytes as bnb
+
+        wq, state = bnb.functional.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
+                                                 blocksize=64, quant_type="nf4")
+        bnb.matmul_4bit(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), wq, quant_state=state)
+        return (lambda x: bnb.matmul_4bit(x, wq, quant_state=state)), ""
+    except Exception as e:  # noqa: BLE001 - not installed, or its CUDA library does not load: say so
         return None, f"{type(e).__name__}: {e}"
 
 
@@ -406,6 +422,10 @@ def main() -> None:
         g_tg = [tg] + [tinygemm(n, k)[0] for _ in range(ns4 - 1)] if tg is not None else None
         if tg is None:
             print(f"tinygemm unavailable for {k}x{n}: {why}")
+        nf, why = nf4(n, k)
+        g_nf = [nf] + [nf4(n, k)[0] for _ in range(ns4 - 1)] if nf is not None else None
+        if nf is None:
+            print(f"bitsandbytes NF4 unavailable for {k}x{n}: {why}")
         for m in ms:
             xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             xh = xb.to(torch.float16)
@@ -413,6 +433,7 @@ def main() -> None:
             t_ours = timed(lambda xb=xb, wt=wt, out=out: native.w4a16_gemm(xb, wt, out=out))
             t_cublas = timed(lambda xh=xh, w16=w16: torch.nn.functional.linear(xh, w16))
             t_tg = timed(lambda tg=tg, xb=xb: tg(xb)) if tg is not None else float("nan")
+            t_nf = timed(lambda nf=nf, xb=xb: nf(xb)) if nf is not None else float("nan")
             nbytes = n * k // 2 + n * (k // GROUP) * 2 + m * k * 2 + m * n * 2
             gbs = nbytes / t_ours / 1e3
             plan = ext.w4a16_plan(m, n, k, 0, props.multi_processor_count)  # m_tile, splits, .., n_tile
@@ -420,29 +441,34 @@ def main() -> None:
             gq_cublas = try_graph_us(lambda i, xh=xh, ws=g_w16: torch.nn.functional.linear(xh, ws[i]), ns16)
             gq_tg = (try_graph_us(lambda i, xb=xb, ts=g_tg: ts[i](xb), ns4) if g_tg is not None
                      else float("nan"))
+            gq_nf = (try_graph_us(lambda i, xb=xb, ts=g_nf: ts[i](xb), ns4) if g_nf is not None
+                     else float("nan"))
             g_gbs = nbytes / gq_ours / 1e3
             rows.append({"shape": f"{k}x{n}", "M": m, "ours_us": t_ours, "GBs": gbs, "pct_copy": 100 * gbs / bw,
                              "cublas_us": t_cublas, "tinygemm_us": t_tg, "vs_cublas": t_cublas / t_ours,
                              "vs_tinygemm": t_tg / t_ours, "m_tile": plan[0], "n_tile": plan[5], "splits": plan[1],
                              "g_ours_us": gq_ours, "g_GBs": g_gbs, "g_pct_copy": 100 * g_gbs / bw, "g_cublas_us": gq_cublas,
-                             "g_tinygemm_us": gq_tg, "g_vs_cublas": gq_cublas / gq_ours, "g_vs_tinygemm": gq_tg / gq_ours})
+                             "g_tinygemm_us": gq_tg, "g_vs_cublas": gq_cublas / gq_ours, "g_vs_tinygemm": gq_tg / gq_ours,
+                             "nf4_us": t_nf, "vs_nf4": t_nf / t_ours, "g_nf4_us": gq_nf, "g_vs_nf4": gq_nf / gq_ours})
 
     def markdown(p: str, plan_column: bool) -> str:
         """One table from the rows' measurements under key prefix p ("" flushed, "g_" graph replay)."""
-        lines = ["| K x N | M | ours us | GB/s | % copy | cuBLAS fp16 us | tinygemm us | x cuBLAS | x tinygemm |"
-                 + (" tile MxN/splits |" if plan_column else ""), "|---" * (10 if plan_column else 9) + "|"]
+        lines = ["| K x N | M | ours us | GB/s | % copy | cuBLAS fp16 us | tinygemm us | NF4 us | x cuBLAS | "
+                 "x tinygemm | x NF4 |" + (" tile MxN/splits |" if plan_column else ""),
+                 "|---" * (12 if plan_column else 11) + "|"]
         for r in rows:
             lines.append(f"| {r['shape']} | {r['M']} | {r[p + 'ours_us']:.1f} | {r[p + 'GBs']:.0f} | "
                          f"{r[p + 'pct_copy']:.0f}% | {r[p + 'cublas_us']:.1f} | {r[p + 'tinygemm_us']:.1f} | "
-                         f"{r[p + 'vs_cublas']:.2f} | {r[p + 'vs_tinygemm']:.2f} |"
+                         f"{r[p + 'nf4_us']:.1f} | {r[p + 'vs_cublas']:.2f} | {r[p + 'vs_tinygemm']:.2f} | "
+                         f"{r[p + 'vs_nf4']:.2f} |"
                          + (f" {r['m_tile']}x{r['n_tile']}/{r['splits']} |" if plan_column else ""))
         return "\n".join(lines)
 
     table, gtable = markdown("", True), markdown("g_", False)
     ghead = ("Steady state (CUDA graph of calls over weight sets > 2x L2, so weights come from DRAM; "
              "launch latency overlapped, as in a graph-captured decode step)")
-    head = (f"{props.name}, copy {bw:.0f} GB/s; int4 g128 bf16 (ours, tinygemm) vs fp16 cuBLAS; "
-            f"median of 40, L2 flushed by a 256 MB {FLUSH_MODE}; bitsandbytes NF4 not installed there (left out)")
+    head = (f"{props.name}, copy {bw:.0f} GB/s; int4 g128 bf16 (ours, tinygemm) vs fp16 cuBLAS and bitsandbytes "
+            f"NF4 (bf16, blocksize 64); median of 40, L2 flushed by a 256 MB {FLUSH_MODE}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps({"device": props.name, "copy_GBs": bw, "floor": floor,

@@ -126,7 +126,7 @@ typedef struct {
   int ns_dn, mr_dn;          // down: likewise
   int tiles_gu, tiles_dn;    // token tiles each launch is sized for
   size_t slot_floats;        // T topk H
-  int n_counters;            // T x the down launch's N tiles
+  int n_counters;            // T x the down launch's N tiles (+ 2 topk at T = 1: the pairs' ready counts)
 } m3e_moe_plan_t;
 
 // Kernel and tile choice for a shape and weight form (affine: zero points or minimums). The decode
