@@ -154,6 +154,24 @@ def nf4(n: int, k: int):
         return None, f"{type(e).__name__}: {e}"
 
 
+def baseline_sets(make, label: str, n: int, k: int, count: int):
+    """count instances of an int4 baseline (make(n, k) -> (run(x), why): tinygemm, nf4) for the graph
+    method's rotation, or None when it is unavailable here (said why, once)."""
+    first, why = make(n, k)
+    if first is None:
+        print(f"{label} unavailable for {k}x{n}: {why}")
+        return None
+    return [first] + [make(n, k)[0] for _ in range(count - 1)]
+
+
+def baseline_us(runs, x: torch.Tensor) -> tuple[float, float]:
+    """(flushed, graph) us of a baseline_sets result on x: the first instance, then all in turn; nan
+    without the baseline."""
+    if runs is None:
+        return float("nan"), float("nan")
+    return timed(lambda: runs[0](x)), try_graph_us(lambda i: runs[i](x), len(runs))
+
+
 # The M3-Lite routed experts (issue 6): E = 48, H = 4096 <-> I = 1536, top-8.
 MOE_E, MOE_H, MOE_I, MOE_K = 48, 4096, 1536, 8
 MOE_TS = [1, 4, 16, 64, 256, 1024]
@@ -415,41 +433,31 @@ def main() -> None:
     for k, n in shapes:
         wt = our_weights(n, k)
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        tg, why = tinygemm(n, k)
         ns4, ns16 = n_sets_for(n * k // 2), n_sets_for(n * k * 2)
         g_ours = [wt] + [our_weights(n, k) for _ in range(ns4 - 1)]
         g_w16 = [w16] + [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(ns16 - 1)]
-        g_tg = [tg] + [tinygemm(n, k)[0] for _ in range(ns4 - 1)] if tg is not None else None
-        if tg is None:
-            print(f"tinygemm unavailable for {k}x{n}: {why}")
-        nf, why = nf4(n, k)
-        g_nf = [nf] + [nf4(n, k)[0] for _ in range(ns4 - 1)] if nf is not None else None
-        if nf is None:
-            print(f"bitsandbytes NF4 unavailable for {k}x{n}: {why}")
+        bases = {"tinygemm": baseline_sets(tinygemm, "tinygemm", n, k, ns4),
+                 "nf4": baseline_sets(nf4, "bitsandbytes NF4", n, k, ns4)}
         for m in ms:
             xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             xh = xb.to(torch.float16)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             t_ours = timed(lambda xb=xb, wt=wt, out=out: native.w4a16_gemm(xb, wt, out=out))
             t_cublas = timed(lambda xh=xh, w16=w16: torch.nn.functional.linear(xh, w16))
-            t_tg = timed(lambda tg=tg, xb=xb: tg(xb)) if tg is not None else float("nan")
-            t_nf = timed(lambda nf=nf, xb=xb: nf(xb)) if nf is not None else float("nan")
             nbytes = n * k // 2 + n * (k // GROUP) * 2 + m * k * 2 + m * n * 2
             gbs = nbytes / t_ours / 1e3
             plan = ext.w4a16_plan(m, n, k, 0, props.multi_processor_count)  # m_tile, splits, .., n_tile
             gq_ours = try_graph_us(lambda i, xb=xb, ws=g_ours, out=out: native.w4a16_gemm(xb, ws[i], out=out), ns4)
             gq_cublas = try_graph_us(lambda i, xh=xh, ws=g_w16: torch.nn.functional.linear(xh, ws[i]), ns16)
-            gq_tg = (try_graph_us(lambda i, xb=xb, ts=g_tg: ts[i](xb), ns4) if g_tg is not None
-                     else float("nan"))
-            gq_nf = (try_graph_us(lambda i, xb=xb, ts=g_nf: ts[i](xb), ns4) if g_nf is not None
-                     else float("nan"))
             g_gbs = nbytes / gq_ours / 1e3
-            rows.append({"shape": f"{k}x{n}", "M": m, "ours_us": t_ours, "GBs": gbs, "pct_copy": 100 * gbs / bw,
-                             "cublas_us": t_cublas, "tinygemm_us": t_tg, "vs_cublas": t_cublas / t_ours,
-                             "vs_tinygemm": t_tg / t_ours, "m_tile": plan[0], "n_tile": plan[5], "splits": plan[1],
-                             "g_ours_us": gq_ours, "g_GBs": g_gbs, "g_pct_copy": 100 * g_gbs / bw, "g_cublas_us": gq_cublas,
-                             "g_tinygemm_us": gq_tg, "g_vs_cublas": gq_cublas / gq_ours, "g_vs_tinygemm": gq_tg / gq_ours,
-                             "nf4_us": t_nf, "vs_nf4": t_nf / t_ours, "g_nf4_us": gq_nf, "g_vs_nf4": gq_nf / gq_ours})
+            row = {"shape": f"{k}x{n}", "M": m, "ours_us": t_ours, "GBs": gbs, "pct_copy": 100 * gbs / bw,
+                   "cublas_us": t_cublas, "vs_cublas": t_cublas / t_ours, "m_tile": plan[0], "n_tile": plan[5],
+                   "splits": plan[1], "g_ours_us": gq_ours, "g_GBs": g_gbs, "g_pct_copy": 100 * g_gbs / bw,
+                   "g_cublas_us": gq_cublas, "g_vs_cublas": gq_cublas / gq_ours}
+            for name, runs in bases.items():  # tinygemm_us, vs_tinygemm, g_tinygemm_us, g_vs_tinygemm; nf4_*
+                t, g = baseline_us(runs, xb)
+                row |= {f"{name}_us": t, f"vs_{name}": t / t_ours, f"g_{name}_us": g, f"g_vs_{name}": g / gq_ours}
+            rows.append(row)
 
     def markdown(p: str, plan_column: bool) -> str:
         """One table from the rows' measurements under key prefix p ("" flushed, "g_" graph replay)."""

@@ -343,8 +343,10 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   uint32_t ma = sb + p.sm_meta + ((sl * nm + (kp << hus)) * 8 + (lane >> 2)) * E;
   uint32_t sa = sb + p.sm_sx + (2 * kp * mp + min(2 * (lane & 3), mp - 2)) * 4;
   uint32_t mh = hus * 8 * E, sh = mp * 4;
-  // bytes to this warp's next block: x, meta, sx, weights; pinned in registers (ptx.cuh pin)
-  uint32_t xstep = wk * 128, mstep = (wk << hus) * 8 * E, sstep = wk * 2 * mp * 4, wstep_ = wstep;
+  // bytes to this warp's next block: x, meta, sx, weights (uint4)
+  const uint32_t xstep = wk * 128, mstep = (wk << hus) * 8 * E, sstep = wk * 2 * mp * 4, wstep_ = wstep;
+  // the loop's addresses and the dequantization constant pinned in registers (ptx.cuh pin); the
+  // steps are left to ptxas (pinning them too spilled in the MoE down kernel)
   uint32_t ex = EX, xa_ = xa, ring_ = ring;
   pin(ma), pin(sa), pin(mh), pin(sh), pin(ex), pin(xa_), pin(ring_);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
