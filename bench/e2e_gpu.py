@@ -28,6 +28,8 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
 import sys
 import time
@@ -319,6 +321,58 @@ def run_load(preset: str, layers: int, work: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@torch.inference_mode()
+def timeline(preset: str, out: Path | None) -> None:
+    """The kernels of one replay of the decode step's CUDA graph (the whole preset, as the benchmark
+    runs it), from the profiler's trace: per kernel of a layer (in launch order) the median duration
+    over the layers and the median gap from the previous kernel's end to its start (negative: the
+    two overlap, as dependent launches do). What a layer costs beyond its kernels' own time is the
+    sum of the positive gaps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    be = CudaBackend(cfg=int4_config(preset), source=RandomInt4(int4_config(preset)), max_context=CONTEXT)
+    cache = be.new_cache()
+    prompt = text_prompt(be.cfg, 32)
+    logits = prefill(be, prompt, cache)
+    _, graph_us, _, _ = decode_rate(be, cache, logits, int(prompt.position_ids.max()) + 1)
+    g = cache.graphs[max(cache.graphs)]
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+    trace = Path(out or "/tmp") / f"timeline_{preset}.json"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    p.export_chrome_trace(str(trace))
+    ev = sorted((e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"),
+                key=lambda e: e["ts"])
+    n = be.cfg.num_hidden_layers
+    if len(ev) < 3 * n:
+        print(f"the profiler recorded {len(ev)} kernels of 3 graph replays: too few to time the layers")
+        return
+    ev = ev[len(ev) * 2 // 3:]  # the last replay
+    short = [re.sub(r"^void |\(.*|\w+::", "", e["name"])[:60] for e in ev]  # kernel<template args>
+    # a layer: the launches from one start of its first kernel (the one that repeats n times) to the next
+    first = next([i for i, s in enumerate(short) if s == name] for name in short if short.count(name) == n)
+    per = first[1] - first[0]
+    print(f"{preset}: graph {graph_us:.1f} us a token (events); the traced replay: {len(ev)} kernels, "
+          f"{ev[-1]['ts'] + ev[-1]['dur'] - ev[0]['ts']:.1f} us first start to last end, {n} layers of {per}")
+    print("| kernel (a layer, launch order) | us (median over layers) | gap from the previous end, us |")
+    print("|---|---|---|")
+    own = gaps = 0.0
+    for j in range(per):
+        idx = [i + j for i in first[:-1]]
+        dur = statistics.median(ev[i]["dur"] for i in idx)
+        gap = statistics.median(ev[i]["ts"] - (ev[i - 1]["ts"] + ev[i - 1]["dur"]) for i in idx)
+        own, gaps = own + dur, gaps + max(gap, 0.0)
+        print(f"| {short[first[0] + j]} | {dur:.2f} | {gap:+.2f} |")
+    span = statistics.median(ev[b + per]["ts"] - ev[b]["ts"] for b in first[:-1])
+    print(f"a layer, start to the next layer's start: {span:.1f} us (median); its kernels' own time {own:.1f} us; "
+          f"positive gaps {gaps:.1f} us")
+    rest = [f"{short[i]} {ev[i]['dur']:.1f}" for i in range(len(ev)) if i < first[0] or i >= first[-1] + per]
+    print("outside the layers (us):", ", ".join(rest))
+
+
 def profile(preset: str, layers: int = 4, prefill_media: bool = False) -> None:
     """The GPU kernels of one eager decode step (a `layers`-deep cut of the preset), by total time;
     with prefill_media, of the TTFT prompt's prefill instead."""
@@ -366,11 +420,16 @@ def main() -> None:
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
                          "norm and attention's residual add in their own launch")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
+    ap.add_argument("--timeline", action="store_true",
+                    help="only time the kernels of one replay of the first --only preset's decode graph, and the gaps "
+                         "between them (the trace is written to --out)")
     ap.add_argument("--profile-prefill", action="store_true", help="only list the kernels of the TTFT prefill")
     ap.add_argument("--load", type=Path, metavar="WORK_DIR",
                     help="only time loads from disk (repack cache off / cold / warm) of a 4-layer cut of the first "
                          "--only preset, written under WORK_DIR (removed after)")
     args = ap.parse_args()
+    if args.timeline:
+        return timeline(args.only[0], args.out)
     if args.profile or args.profile_prefill:
         return profile(args.only[0], prefill_media=args.profile_prefill)
     if args.load:

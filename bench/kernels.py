@@ -18,6 +18,11 @@ and a sweep of the plan against forced kernels, N tiles and split counts (n_tile
     PYTHONPATH=. python3 bench/kernels.py --moe [--out DIR]
 
 is the fused MoE section instead (`moe_bench`): the M3-Lite routed experts, T = 1..256 tokens.
+
+    PYTHONPATH=. python3 bench/kernels.py --w8 [--out DIR]
+
+is the W8A16 section (`w8_bench`): symmetric int8 in one pass against the two int4 passes it replaces
+and cuBLAS fp16, M = 1 and 4, the shapes above and the M3-Lite lm_head (4096x151936).
 """
 
 from __future__ import annotations
@@ -170,6 +175,75 @@ def baseline_us(runs, x: torch.Tensor) -> tuple[float, float]:
     if runs is None:
         return float("nan"), float("nan")
     return timed(lambda: runs[0](x)), try_graph_us(lambda i: runs[i](x), len(runs))
+
+
+def w8_planes(n: int, k: int) -> tuple[native.W4Weights, native.W4Weights]:
+    """A random symmetric int8 weight as its two int4 planes (runtime/cuda.py split_int8: the high
+    plane at scale 16 s, the low one at s with zero point -8), made in the kernels' layout directly
+    (random words are random nibbles either way; the repack of a 151936 x 4096 table needs 15 GB)."""
+    def plane():
+        w = torch.randint(-(2**31), 2**31 - 1, (n // 16, k // 64, 32, 4), dtype=torch.int32, device="cuda")
+        return w, (torch.rand(n // 16, k // GROUP, 16, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
+
+    (wh, sh), (wl, sl) = plane(), plane()
+    return (native.W4Weights(wh, sh, None, None, n, k, GROUP),
+            native.W4Weights(wl, sl, None, torch.zeros_like(sl, dtype=torch.uint8), n, k, GROUP))
+
+
+W8_SHAPES = SHAPES + [(4096, 151936)]  # + the M3-Lite lm_head (int8 per 128 as `m3edge quantize` writes it)
+
+
+def w8_bench(bw: float, out_dir: Path | None) -> None:
+    """W8A16 (symmetric int8, group 128, bf16): both int4 planes in one pass of the decode kernel
+    (native.w8a16_gemm) against the two int4 GEMMs it replaces (one per plane, fp32 partials summed,
+    as W8Linear runs more than 8 rows) and cuBLAS fp16, M = 1 and 4; flushed and graph, one table
+    (one pass: nan where x is past the decode kernel's limit, M K 2 > 32 KB)."""
+    rows = []
+    for k, n in W8_SHAPES:
+        nbytes_w = n * k + n * (k // GROUP) * 2
+        ns8, ns16 = n_sets_for(nbytes_w), n_sets_for(n * k * 2)
+        sets = [w8_planes(n, k) for _ in range(ns8)]
+        w16s = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(ns16)]
+        for m in (1, 4):
+            xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xh = xb.half()
+            a = torch.empty(m, n, device="cuda")
+            b = torch.empty_like(a)
+
+            def one(i, xb=xb, a=a):
+                native.w8a16_gemm(xb, sets[i][0], sets[i][1], out=a)
+
+            def two(i, xb=xb, a=a, b=b):
+                native.w4a16_gemm(xb, sets[i][0], out=a)
+                native.w4a16_gemm(xb, sets[i][1], out=b)
+                a.add_(b)
+
+            nbytes = nbytes_w + m * k * 2 + m * n * 4
+            if not native.w8_one_pass(sets[0][0], m, "cuda"):  # x past the decode kernel's limit: two passes only
+                one = None
+            r = {"shape": f"{k}x{n}", "M": m, "two_us": timed(lambda: two(0)),
+                 "one_us": timed(lambda: one(0)) if one else float("nan"),
+                 "cublas_us": timed(lambda xh=xh: torch.nn.functional.linear(xh, w16s[0])),
+                 "g_one_us": try_graph_us(one, ns8) if one else float("nan"), "g_two_us": try_graph_us(two, ns8),
+                 "g_cublas_us": try_graph_us(lambda i, xh=xh: torch.nn.functional.linear(xh, w16s[i]), ns16)}
+            for p in ("", "g_"):
+                r[p + "pct_copy"] = 100 * nbytes / r[p + "one_us"] / 1e3 / bw
+            rows.append(r)
+        del sets, w16s
+        torch.cuda.empty_cache()
+    lines = [f"W8A16 (symmetric int8 g128, bf16 x, fp32 out) on {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s; "
+             "us flushed / in a graph",
+             "| K x N | M | one pass us | % copy | two int4 passes us | cuBLAS fp16 us | x two passes | x cuBLAS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['M']} | {r['one_us']:.1f} / {r['g_one_us']:.1f} | "
+                     f"{r['pct_copy']:.0f}% / {r['g_pct_copy']:.0f}% | {r['two_us']:.1f} / {r['g_two_us']:.1f} | "
+                     f"{r['cublas_us']:.1f} / {r['g_cublas_us']:.1f} | {r['two_us'] / r['one_us']:.2f} / "
+                     f"{r['g_two_us'] / r['g_one_us']:.2f} | {r['cublas_us'] / r['one_us']:.2f} / "
+                     f"{r['g_cublas_us'] / r['g_one_us']:.2f} |")
+    table = "\n".join(lines)
+    save_results(out_dir, rows, table)
+    print(table)
 
 
 # The M3-Lite routed experts (issue 6): E = 48, H = 4096 <-> I = 1536, top-8.
@@ -348,6 +422,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 1 and 16")
     ap.add_argument("--decode", action="store_true", help="the decode kernel's sizes only: every shape, M = 1 and 4, "
                     "no plan sweep (with --moe: T <= 16, the slab sweep, no kernel sweep)")
+    ap.add_argument("--w8", action="store_true", help="only the W8A16 section: int8 in one pass vs two int4 passes "
+                    "and cuBLAS fp16, M = 1 and 4, the layer shapes and the M3-Lite lm_head")
     ap.add_argument("--flush", choices=["read", "write"], default="read", help="how L2 is flushed (flush_l2)")
     ap.add_argument("--profile", action="store_true", help="a few unflushed calls for ncu (M = 1 and 64, 4096x4096)")
     args = ap.parse_args()
@@ -368,6 +444,9 @@ def main() -> None:
           f"torch {torch.__version__}; copy bandwidth {bw:.0f} GB/s (1 GiB, read + write)")
     if args.moe:
         moe_bench(ext, bw, args.out, decode_only=args.decode)
+        return
+    if args.w8:
+        w8_bench(bw, args.out)
         return
 
     # the flush's own cost: M = 1, 4096x4096, each way of flushing, and none (8 weight sets in turn, 64 MB)

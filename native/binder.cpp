@@ -103,7 +103,7 @@ void ensure_workspace(int dev, size_t floats, int counters, const at::TensorOpti
 std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& zeros, at::Tensor& out,
                 int64_t group, int64_t splits, int64_t n_tile, const c10::optional<at::Tensor>& norm_w,
-                double norm_eps, const c10::optional<at::Tensor>& residual) {
+                double norm_eps, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& w_lo) {
   CHECK_ARG(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [M, K], got ", desc(x));
   const int64_t M = x.size(0), K = x.size(1);
   CHECK_ARG(M >= 1, "x [M, K] needs M >= 1, got ", desc(x));
@@ -130,6 +130,12 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     CHECK_ARG(zeros->scalar_type() == at::kByte, "zeros must be uint8 (zero point + 8), got ", desc(*zeros));
     if (auto e = check_shape3(*zeros, "zeros", N / 16, G, 16); !e.empty()) return e;
   }
+  if (w_lo) {
+    CHECK_ARG(w_lo->scalar_type() == at::kInt && w_lo->sizes() == w.sizes(), "w_lo (an int8 weight's low plane) ",
+              "must be int32 like w ", desc(w), ", got ", desc(*w_lo));
+    CHECK_ARG(!mins && !zeros, "an int8 weight in one pass (w_lo) is symmetric: no mins or zeros");
+    CHECK_ARG(n_tile != 128, "an int8 weight in one pass (w_lo) runs on the decode kernel, not n_tile 128");
+  }
   CHECK_ARG((out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat) && out.dim() == 2 &&
                 out.size(0) == M && out.size(1) == N,
             "out must be [", M, ", ", N, "] ", c10::toString(x.scalar_type()), " or Float, got ", desc(out));
@@ -149,6 +155,7 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   if (zeros) all.push_back({"zeros", &*zeros});
   if (norm_w) all.push_back({"norm_w", &*norm_w});
   if (residual) all.push_back({"residual", &*residual});
+  if (w_lo) all.push_back({"w_lo", &*w_lo});
   if (auto e = check_all("w4a16_gemm", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: w4a16_gemm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -166,6 +173,8 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   CHECK_ARG(!norm_w || (plan.n_tile != 128 && plan.splits == 1), "a fused RMSNorm needs the decode kernel with one K ",
             "slice, and the plan for x ", desc(x), ", w ", desc(w), " is n_tile ", plan.n_tile, ", ", plan.splits,
             " slices");
+  CHECK_ARG(!w_lo || plan.n_tile != 128, "an int8 weight in one pass (w_lo) needs the decode kernel (M <= 8, ",
+            "M K <= 16384), and the plan for x ", desc(x), ", w ", desc(w), " is the tile kernel");
   ensure_workspace(dev, plan.workspace_floats, plan.n_counters, x.options());
   m3e_w4a16_args a;
   a.x = x.data_ptr();
@@ -189,6 +198,7 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   a.norm_w = norm_w ? reinterpret_cast<const uint16_t*>(norm_w->data_ptr()) : nullptr;
   a.norm_eps = (float)norm_eps;
   a.residual = residual ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
+  a.w_lo = w_lo ? reinterpret_cast<const uint32_t*>(w_lo->data_ptr()) : nullptr;
   rc = m3e_w4a16_gemm(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "w4a16_gemm(x ", desc(x), ", w ", desc(w), ", group ",
@@ -637,10 +647,11 @@ std::vector<int64_t> w4a16_plan(int64_t M, int64_t N, int64_t K, int64_t splits,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemm", &w4a16_gemm,
-        "out[M, N] = x[M, K] @ W^T, W int4 repacked (native/cuda/w4a16.cuh); returns an error message or ''",
+        "out[M, N] = x[M, K] @ W^T, W int4 repacked (native/cuda/w4a16.cuh), or int8 as two int4 planes (w, w_lo); "
+        "returns an error message or ''",
         py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("mins"), py::arg("zeros"), py::arg("out"),
         py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0, py::arg("norm_w") = py::none(),
-        py::arg("norm_eps") = 1e-6, py::arg("residual") = py::none());
+        py::arg("norm_eps") = 1e-6, py::arg("residual") = py::none(), py::arg("w_lo") = py::none());
   m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
         py::arg("sms") = 132, py::arg("n_tile") = 0, py::arg("group") = 128, py::arg("affine") = false);
   m.def("moe_w4a16", &moe_w4a16,

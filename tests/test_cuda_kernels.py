@@ -6,7 +6,8 @@ against its numpy reference and, read back through the PTX mma fragment table, g
 weights; the binder's tensor checks (built without CUDA) name the shapes.
 GPU: relative error <= 1e-3 against dequantize-then-fp32-matmul over M in (1, 3, 17, 118, 1024),
 every group size, fp16 and bf16, symmetric / zero point / float minimum, fresh random inputs and a
-NaN-poisoned output every run."""
+NaN-poisoned output every run; W8A16 (symmetric int8 as two int4 planes in one pass) likewise over
+M in (1, 3, 8) and layer shapes."""
 
 from __future__ import annotations
 
@@ -156,6 +157,12 @@ def _args(M=3, N=128, K=256, group=64, dtype=torch.float16, **over):
      r"decode kernel \(n_tile 16\) takes M <= 8, got x \[9, 256\]"),
     ({"norm_w": torch.zeros(100, dtype=torch.float16)}, r"norm_w must be \[256\] of x's dtype, got \[100\] Half"),
     ({}, r"x \[3, 256\] Half is on cpu; every tensor must be on the same CUDA device"),
+    ({"w_lo": torch.zeros(8, 4, 32, 2, dtype=torch.int32)}, r"w_lo .*must be int32 like w \[8, 4, 32, 4\] Int, got "
+                                                              r"\[8, 4, 32, 2\] Int"),
+    ({"w_lo": torch.zeros(8, 4, 32, 4, dtype=torch.int32), "zeros": torch.zeros(8, 4, 16, dtype=torch.uint8)},
+     r"int8 weight in one pass \(w_lo\) is symmetric: no mins or zeros"),
+    ({"w_lo": torch.zeros(8, 4, 32, 4, dtype=torch.int32), "n_tile": 128},
+     r"int8 weight in one pass \(w_lo\) runs on the decode kernel, not n_tile 128"),
 ])
 def test_binder_checks_name_the_shapes(checks, over, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -301,6 +308,76 @@ def test_w4a16_errors_name_shapes_on_gpu(ext):
         native.w4a16_gemm(torch.zeros(2 * 256 + 1, device="cuda", dtype=torch.float16)[1:].view(2, 256), wt)
     with pytest.raises(ValueError, match="same CUDA device"):
         native.w4a16_gemm(torch.zeros(2, 256, dtype=torch.float16), wt)
+
+
+def _w8_parity(M, n, k, group, act, seed, splits=0, n_tile=0):
+    """w8a16_gemm (one pass over both int4 planes of a symmetric int8 weight) against x @ W^T in fp64
+    on the dequantized int8 weight: the errors of the fp32 and the act-dtype output, as _parity's."""
+    from m3edge.runtime.cuda import _w8_linear
+
+    g = torch.Generator().manual_seed(seed)
+    s = Scheme(8, group, True)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    q[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
+    scale_dtype = torch.bfloat16 if act == torch.bfloat16 else torch.float16
+    scale = (torch.rand(n, s.n_groups(k), generator=g) * 0.001 + 1e-4).to(scale_dtype).float()
+    t = {name: v.cuda() for name, v in pack_linear(q, scale, None, s, scale_dtype=scale_dtype).items()}
+    w8 = _w8_linear(t, s)
+    x = torch.randn(M, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)).to(act)
+    ref = x.double() @ dequantize_linear(t, s).double().T
+    errs = []
+    for dt in (torch.float32, act):
+        out = torch.full((M, n), float("nan"), dtype=dt, device="cuda")  # poisoned: every element must be written
+        native.w8a16_gemm(x, w8.hi, w8.lo, out=out, splits=splits, n_tile=n_tile)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"unwritten (NaN) outputs for M={M} N={n} K={k} group={group} out {dt}"
+        errs.append(_rel_err(out, ref.to(dt)))
+    return tuple(errs)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_w8a16_parity(ext, M, group, act):
+    """W8A16 in one pass of the decode kernel (symmetric int8, every group size, both activation
+    dtypes, M = 1..8) within 1e-3 of the fp64 product on the dequantized weight; fresh inputs each run."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    e32, e16 = _w8_parity(M, 192, 1024, group, act, seed)
+    print(f"w8 parity M={M} group={group} {str(act)[6:]} rel_err_fp32_out={e32:.2e} rel_err_{str(act)[6:]}_out={e16:.2e}")
+    assert e32 <= 1e-3 and e16 <= 1e-3, f"relative error {e32:.2e} / {e16:.2e} (M={M}, group={group}, {act}, seed={seed})"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M,n,k,group,splits,n_tile", [
+    (1, 4096, 4096, 128, 0, 0), (2, 14336, 4096, 128, 0, 0), (1, 4096, 14336, 32, 0, 0), (4, 256, 1152, 128, 7, 16),
+    (8, 128, 4096, 64, 1, 32), (5, 1024, 1152, -1, 18, 64)])
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_w8a16_parity_shapes_and_splits(ext, M, n, k, group, splits, n_tile, act):
+    """Layer shapes (the plan's choice, split-K included at K = 14336), every N tile, forced slices that
+    start mid group and slices of one block."""
+    seed = int(torch.randint(0, 2**30, ()).item())
+    e32, e16 = _w8_parity(M, n, k, group, act, seed, splits=splits, n_tile=n_tile)
+    print(f"w8 parity M={M} N={n} K={k} group={group} splits={splits} n_tile={n_tile} {str(act)[6:]} "
+          f"rel_err_fp32_out={e32:.2e} rel_err_{str(act)[6:]}_out={e16:.2e}")
+    assert e32 <= 1e-3 and e16 <= 1e-3, f"relative error {e32:.2e} / {e16:.2e} (M={M} N={n} K={k} seed={seed})"
+
+
+@gpu
+@needs_cuda
+def test_w8a16_refuses_the_tile_kernel(ext):
+    """More rows than the decode kernel takes: w8_one_pass says so, and the call names the shapes."""
+    from m3edge.runtime.cuda import _w8_linear
+
+    s = Scheme(8, 128, True)
+    t = {name: v.cuda() for name, v in
+         pack_linear(torch.zeros(128, 512, dtype=torch.int8), torch.full((128, 4), 2.0**-7), None, s).items()}
+    w8 = _w8_linear(t, s)
+    assert native.w8_one_pass(w8.hi, 8, "cuda") and not native.w8_one_pass(w8.hi, 9, "cuda")
+    with pytest.raises(ValueError, match=r"int8 weight in one pass \(w_lo\) needs the decode kernel.*x \[9, 512\]"):
+        native.w8a16_gemm(torch.zeros(9, 512, device="cuda", dtype=torch.bfloat16), w8.hi, w8.lo)
 
 
 @gpu

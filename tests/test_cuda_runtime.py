@@ -224,7 +224,7 @@ SMOL_PROMPT = "Tell me a long story about a dragon who learns to read."
 SEED = 1  # weights of the small model: a seed whose greedy path has clear margins (see _check_greedy)
 
 
-def _small_m3(tmp_path):
+def _small_m3(tmp_path, scheme: Scheme = Scheme(4, 64, False)):
     """A tiny-shaped M3-Lite whose every linear the kernels take (out / in multiples of 64)."""
     from m3edge.model.synth import write_random
     from m3edge.quantize.pipeline import Options, quantize_checkpoint
@@ -233,7 +233,7 @@ def _small_m3(tmp_path):
            "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "torch_dtype": "bfloat16",
            "rope_scaling": {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True}}
     src = write_random(raw, tmp_path / "small", seed=SEED)
-    q, _ = quantize_checkpoint(src, tmp_path / "small-int4", Options(scheme=Scheme(4, 64, False)))
+    q, _ = quantize_checkpoint(src, tmp_path / f"small-int{scheme.bits}", Options(scheme=scheme))
     return q
 
 
@@ -251,6 +251,27 @@ def _repacked(model) -> dict[str, torch.Tensor]:
                     if getattr(w, f) is not None:
                         out[f"{name}.{attr}.{j}.{f}"] = getattr(w, f)
     return out
+
+
+def test_memory_plan_counts_what_the_model_holds(tmp_path):
+    """The plan's weight bytes are the bytes build_model places, for an int4 and an all-int8 model: int8
+    attention / shared-expert linears and the lm_head as W8Linear's two planes, int8 routed experts and
+    everything else dequantized (built on the CPU: the repack runs anywhere)."""
+    from m3edge.model.checkpoint import TensorFiles, checkpoint_tensors, read_config
+    from m3edge.runtime.cuda import W8Linear, build_model, plan_memory
+
+    for scheme in (Scheme(4, 64, False), Scheme(8, 64, True)):
+        q = _small_m3(tmp_path / f"b{scheme.bits}", scheme)
+        cfg = read_config(q)
+        packed = checkpoint_tensors(cfg)[1]
+        model = build_model(cfg, TensorFiles(q), packed, torch.device("cpu"), torch.bfloat16)
+        held = [*model.parameters(), *_repacked(model).values()]
+        held += [m.bias for m in model.modules()
+                 if (hasattr(m, "wt") or isinstance(m, W8Linear)) and getattr(m, "bias", None) is not None]
+        w8 = [n for n, m in model.named_modules() if isinstance(m, W8Linear)]
+        if scheme.bits == 8:
+            assert "lm_head" in w8 and any("self_attn.o_proj" in n for n in w8) and any("shared_experts" in n for n in w8)
+        assert sum(t.numel() * t.element_size() for t in held) == plan_memory(cfg, packed, 64, 2**40).weights, scheme
 
 
 class _NoPacked:
@@ -338,6 +359,24 @@ def test_m3lite_image_audio_greedy_equals_the_reference(tmp_path):
            cfg.audio_start_token_id, cfg.audio_token_id, cfg.audio_end_token_id, 4, 5]
     prompt = build_prompt(ids, cfg, [Image(patches, grid)], [audio_tokens(generated_audio(0))])
     assert len(set(_check_greedy(q, prompt, torch.float16))) > 2
+
+
+@pytest.mark.gpu
+def test_m3lite_int8_greedy_equals_the_reference(tmp_path, capsys):
+    """An all-int8 model: attention and shared-expert linears and the lm_head as W8Linear (one pass of
+    the decode kernel at one token), the routed experts dequantized through the reference MoE, so the
+    decode runs without graphs and says so once; greedy tokens equal the reference's."""
+    from m3edge.model.checkpoint import read_config
+    from m3edge.prompt import build_prompt
+    from m3edge.runtime.cuda import CudaBackend, W8Linear
+
+    q = _small_m3(tmp_path, Scheme(8, 64, True))
+    be = CudaBackend(q, max_context=256)
+    assert not be.use_graphs and "decoding without CUDA graphs" in capsys.readouterr().err
+    assert isinstance(be.model.lm_head, W8Linear) and isinstance(be.model.layers[0].self_attn.q_proj, W8Linear)
+    del be
+    prompt = build_prompt([1, 2, 3, 4, 5, 6, 7], read_config(q))
+    assert len(set(_check_greedy(q, prompt, torch.float16, steps=32))) > 2
 
 
 @pytest.mark.gpu

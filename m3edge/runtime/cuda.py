@@ -7,10 +7,12 @@ checkpoint (runtime/repack_cache.py: that load reads the kernels' layout and ski
 q, k and v become one int4 GEMM over their stacked rows (`FusedQKVAttention`), o one `W4Linear`;
 the routed experts of an MoE layer one `W4Experts` for the fused MoE kernel pair, with the shared
 expert appended as one more expert when it has their shape (`NativeMoE`: one launch pair for all
-nine slots); a dense layer's SwiGLU a one-expert `NativeDense`; the int8 lm_head two int4 GEMMs
-(`W8Linear`, exact, fp32 logits). Every RMSNorm becomes one kernel (`FastRMSNorm`). What the
-kernels do not take (embeddings, routers, embedders, int8 layer linears, partial groups) is
-dequantized into the activation dtype. Before anything is
+nine slots); a dense layer's SwiGLU a one-expert `NativeDense`; a symmetric int8 linear (the lm_head,
+fp32 logits; attention and dense / shared-expert projections) two int4 planes (`W8Linear`, exact; one
+pass at decode). Every RMSNorm becomes one kernel (`FastRMSNorm`). What the kernels do not take
+(embeddings, routers, embedders, int8 routed experts, partial groups) is dequantized into the
+activation dtype; a model whose routed experts are not int4 decodes without CUDA graphs (the
+reference MoE syncs with the host). Before anything is
 allocated a `MemoryPlan` (weights as they will sit on the GPU + the KV cache for the context +
 scratch) is checked against the GPU's free memory: a context that does not fit is refused, naming
 the largest that does.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -118,7 +121,7 @@ def plan_memory(cfg: M3Config, packed: dict[str, tuple[str, Scheme]], context: i
             s = entry[1]
             groups = shape[0] * s.n_groups(shape[1])
             weights += n_el // 2 + groups * (2 + (2 if s.float_min else 1 if not s.symmetric else 0))
-        elif entry is not None and _w8_takes(entry[1], shape):  # two int4 planes (W8Linear)
+        elif entry is not None and _runs_w8(name, entry[1], shape):  # two int4 planes (W8Linear)
             weights += n_el + shape[0] * entry[1].n_groups(shape[1]) * (2 + 2 + 1)
         else:
             weights += n_el * dtype_bytes
@@ -140,6 +143,13 @@ def _kernel_takes(s: Scheme, shape: tuple[int, ...]) -> bool:
 def _w8_takes(s: Scheme, shape: tuple[int, ...]) -> bool:
     """Whether a packed int8 linear runs as two int4 ones (W8Linear): symmetric, shapes the int4 kernels take."""
     return s.bits == 8 and s.symmetric and _kernel_takes(Scheme(4, s.group, True), shape)
+
+
+def _runs_w8(name: str, s: Scheme, shape: tuple[int, ...]) -> bool:
+    """Whether build_model makes this packed tensor a W8Linear: the lm_head and the layers' attention
+    and dense / shared-expert projections when _w8_takes; not the embeddings (a table, dequantized) nor
+    the routed experts (the fused MoE kernels are int4: int8 experts are dequantized)."""
+    return (name == "lm_head.weight" or (".layers." in name and ".mlp.experts." not in name)) and _w8_takes(s, shape)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -166,22 +176,36 @@ class W4Linear(nn.Module):
 
 
 class W8Linear(nn.Module):
-    """y = x W^T for a symmetric int8 W (the lm_head) through the int4 kernel twice, exactly:
-    q = 16 hi + lo with hi = q >> 4 in [-8, 7] at scale 16 s and lo = q & 15 in [0, 15] (stored as
-    lo - 8 with zero point -8) at scale s; both partial products in fp32, summed: the logits come out
-    fp32. Half the bytes of the bf16 matrix it replaced (0.62 of 1.24 GB for M3-Lite)."""
+    """y = x W^T (+ b) for a symmetric int8 W as two int4 planes, exactly: q = 16 hi + lo with
+    hi = q >> 4 in [-8, 7] at scale 16 s and lo = q & 15 in [0, 15] (stored as lo - 8 with zero point
+    -8) at scale s. Up to 8 rows (decode) both planes are read in one pass of the decode kernel
+    (native.w8a16_gemm); more rows run the int4 kernel on each plane, the partial products summed in
+    fp32. The output is out_dtype: fp32 for the lm_head's logits, the activations' type (rounded
+    once, then the bias added, as W4Linear) for a layer's linear. Half the bytes of the bf16 matrix it
+    replaces (the lm_head: 0.62 of 1.24 GB for M3-Lite)."""
 
-    def __init__(self, hi: native.W4Weights, lo: native.W4Weights):
+    def __init__(self, hi: native.W4Weights, lo: native.W4Weights, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.hi, self.lo, self.n = hi, lo, hi.n
+        self.hi, self.lo, self.n, self.bias, self.out_dtype = hi, lo, hi.n, bias, out_dtype
+        self._one_pass: dict[int, bool] = {}  # rows -> whether the plan takes them in one pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        a = torch.empty(x2.shape[0], self.n, dtype=torch.float32, device=x.device)
-        b = torch.empty_like(a)
-        native.w4a16_gemm(x2, self.hi, out=a)
-        native.w4a16_gemm(x2, self.lo, out=b)
-        return a.add_(b).view(*x.shape[:-1], self.n)
+        M = x2.shape[0]
+        if M not in self._one_pass:
+            self._one_pass[M] = native.w8_one_pass(self.hi, M, x.device)
+        if self._one_pass[M]:
+            y = native.w8a16_gemm(x2, self.hi, self.lo, out=torch.empty(M, self.n, dtype=self.out_dtype,
+                                                                         device=x.device))
+        else:
+            a = torch.empty(M, self.n, dtype=torch.float32, device=x.device)
+            b = torch.empty_like(a)
+            native.w4a16_gemm(x2, self.hi, out=a)
+            native.w4a16_gemm(x2, self.lo, out=b)
+            y = a.add_(b).to(self.out_dtype)
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], self.n)
 
 
 def split_int8(t: dict[str, torch.Tensor], scheme: Scheme) -> tuple[dict, dict, Scheme, Scheme]:
@@ -427,7 +451,8 @@ class NativeLayer(nn.Module):
         if one and self.fuse_post:
             h = attn(x, cos, sin, mask, cache, norm=norm if in_norm else None, residual=h)  # h + attention
             return self.mlp(h, modality, fusion_ok, residual=h, norm=self.post_attention_layernorm)
-        a = attn(x, cos, sin, mask, cache, norm=norm if in_norm else None)
+        # the reference Attention (q/k/v not one int4 GEMM) takes no norm: x is normed above
+        a = attn(x, cos, sin, mask, cache, norm=norm) if in_norm else attn(x, cos, sin, mask, cache)
         norm = self.post_attention_layernorm
         if isinstance(norm, FastRMSNorm) and norm.takes(a) and norm.takes(h):
             x2 = native.rmsnorm(a, norm.weight, norm.eps, residual=h)  # a becomes h + a
@@ -560,6 +585,14 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
     def takes(name: str) -> bool:
         return name in packed and _kernel_takes(packed[name][1], tuple(expected[name]))
 
+    def w8(name: str) -> bool:
+        return name in packed and _runs_w8(name, packed[name][1], tuple(expected[name]))
+
+    def int8_linear(entry: str, module: str, out_dtype: torch.dtype, bias: bool = True) -> W8Linear:
+        """A symmetric int8 linear as W8Linear (its two planes repacked, or from the cache)."""
+        hi, lo = cached(entry, lambda: (lambda w: [w.hi, w.lo])(_w8_linear(parts(module), packed[f"{module}.weight"][1])))
+        return W8Linear(hi, lo, _bias(source, names, module, device, dtype, done) if bias else None, out_dtype)
+
     def experts(entry: str, mods: list[str], scheme: Scheme) -> native.W4Experts:
         """The MoE kernels' stack of these experts' gate, up and down projections."""
         def make():
@@ -581,12 +614,16 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
             attn = layer.self_attn
         else:
             for x in "qkv":
-                if takes(f"{p}.self_attn.{x}_proj.weight"):
-                    m = f"{p}.self_attn.{x}_proj"
+                m = f"{p}.self_attn.{x}_proj"
+                if takes(f"{m}.weight"):
                     setattr(attn, f"{x}_proj", linear(f"{x}_proj", [m], packed[f"{m}.weight"][1]))
-        if takes(f"{p}.self_attn.o_proj.weight"):
-            m = f"{p}.self_attn.o_proj"
+                elif w8(f"{m}.weight"):
+                    setattr(attn, f"{x}_proj", int8_linear(f"{x}_proj.w8", m, dtype))
+        m = f"{p}.self_attn.o_proj"
+        if takes(f"{m}.weight"):
             attn.o_proj = linear("o_proj", [m], packed[f"{m}.weight"][1])
+        elif w8(f"{m}.weight"):
+            attn.o_proj = int8_linear("o_proj.w8", m, dtype)
 
         sh = f"{p}.mlp.shared_experts"
         has_shared = getattr(mlp, "shared_experts", None) is not None
@@ -609,14 +646,15 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
                 if takes(f"{m}.weight"):
                     setattr(mlp.shared_experts, f"{x}_proj", linear(f"shared.{x}_proj", [m], packed[f"{m}.weight"][1],
                                                                     bias=False))
+                elif w8(f"{m}.weight"):
+                    setattr(mlp.shared_experts, f"{x}_proj", int8_linear(f"shared.{x}_proj.w8", m, dtype, bias=False))
         if part is not None:
             part.save()
         if progress:
             progress("repack", i + 1, n_layers)
-    lm = packed.get("lm_head.weight")
-    if lm is not None and _w8_takes(lm[1], tuple(expected["lm_head.weight"])):
+    if w8("lm_head.weight"):
         part = cache.part("lm_head") if cache is not None else None
-        model.lm_head = W8Linear(*cached("lm_head", lambda: (lambda w8: [w8.hi, w8.lo])(_w8_linear(parts(lm[0]), lm[1]))))
+        model.lm_head = int8_linear("lm_head", "lm_head", torch.float32, bias=False)
         if part is not None:
             part.save()
     part = None
@@ -754,11 +792,17 @@ class CudaBackend:
             else None
         self.model = build_model(cfg, source, packed, self.device, dtype, progress, cache)
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
-        self.use_graphs = graphs
+        # the reference MoE (routed experts not int4: dequantized) counts its tokens per expert on the host,
+        # which a captured graph cannot: such a model decodes eagerly
+        eager = sum(type(layer.mlp) is MoE for layer in self.model.layers)
+        self.use_graphs = graphs and not eager
+        if graphs and eager:
+            print(f"m3edge: decoding without CUDA graphs: the routed experts of {eager} layers are not int4, the fused "
+                  "MoE kernels' form (they run dequantized, through the reference MoE)", file=sys.stderr)
         self._free: list[_Slot] = []  # slots of dropped caches
         self._slots = 0  # slots made
         self._keys = torch.arange(self.max_context, device=self.device)
-        if graphs:  # capture the first length's graph now, so a first reply does not pause at its second token
+        if self.use_graphs:  # capture the first length's graph now, so a first reply does not pause at its second token
             warm = self.new_cache()
             self.forward(torch.zeros(1, 1, dtype=torch.long), torch.zeros(3, 1, 1, dtype=torch.long), None, None, warm)
             del warm  # its slot, graph included, is the next cache's

@@ -1,4 +1,5 @@
-"""The native CUDA int4 kernels (native/cuda, bound by native/binder.cpp): build, repack, call.
+"""The native CUDA int4 kernels (native/cuda, bound by native/binder.cpp): build, repack, call (int8 as
+two int4 planes: `w8a16_gemm`).
 
 `load()` JIT-builds the extension with ninja into a cache folder (one build per source hash, torch
 and GPU arch); where it cannot build (no CUDA torch, no nvcc, no GPU) it raises one `NativeUnavailable`
@@ -247,12 +248,38 @@ def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, 
     return out.reshape(*lead, wt.n)
 
 
+def w8a16_gemm(x: torch.Tensor, hi: W4Weights, lo: W4Weights, out: torch.Tensor | None = None, splits: int = 0,
+               n_tile: int = 0) -> torch.Tensor:
+    """x [..., K] fp16/bf16 -> [..., N] = x @ W^T for a symmetric int8 W given as its two int4 planes
+    (runtime/cuda.py split_int8: hi = q >> 4 at scale 16 s, lo = q & 15 stored as lo - 8 with zero
+    point -8, at scale s), both read in one pass of the decode kernel (M <= 8, where `w8_one_pass`
+    says the plan allows it). out, splits, n_tile as w4a16_gemm's."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        out = torch.empty(x2.shape[0], hi.n, dtype=x.dtype, device=x.device)
+    raise_for(load().w4a16_gemm(x2, hi.w, hi.scales, None, None, out, hi.group, splits, n_tile, None, 1e-6, None,
+                                lo.w))
+    return out.reshape(*lead, hi.n)
+
+
+def _plan(wt: W4Weights, M: int, device) -> tuple:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return load().w4a16_plan(M, wt.n, wt.k, 0, sms, 0, wt.group, wt.mins is not None or wt.zeros is not None)
+
+
 def fuses_norm(wt: W4Weights, M: int, device) -> bool:
     """Whether w4a16_gemm takes `norm` for M rows of this weight on `device` (the plan's decode kernel
     with one K slice: every CTA holds whole rows of x)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    plan = load().w4a16_plan(M, wt.n, wt.k, 0, sms, 0, wt.group, wt.mins is not None or wt.zeros is not None)
+    plan = _plan(wt, M, device)
     return bool(plan) and plan[5] != 128 and plan[1] == 1
+
+
+def w8_one_pass(hi: W4Weights, M: int, device) -> bool:
+    """Whether w8a16_gemm takes M rows of this int8 weight (high plane `hi`) on `device`: the plan's
+    decode kernel."""
+    plan = _plan(hi, M, device)
+    return bool(plan) and plan[5] != 128
 
 
 @dataclass

@@ -27,7 +27,8 @@ enum m3e_status {
 
 const char* m3e_error_string(int code);
 
-// W4A16 GEMM: out[M, N] = x[M, K] @ W[N, K]^T, W int4 in the repacked layout (m3edge/runtime/native.py):
+// W4A16 GEMM: out[M, N] = x[M, K] @ W[N, K]^T, W int4 in the repacked layout (m3edge/runtime/native.py)
+// (or int8 as two such planes, w_lo below):
 //   w      uint32 [N/16][K/64][32][4]   one 16-byte vector per lane per 16x64 block (mma A fragments)
 //   scales uint16 [N/16][G][16]         raw fp16 or bf16 bits (scale_bf16), G = K / group (1 per channel)
 //   mins   uint16 [N/16][G][16] or NULL float minimum form (w = u * s + m), same 16-bit type as scales
@@ -57,6 +58,11 @@ typedef struct {
   // [M, N] in the activations' type added to the output (a layer's residual stream), or NULL: out =
   // residual + (x W^T rounded), rounded again. 16-bit outputs only (else M3E_ERR_ARG).
   const uint16_t* residual;
+  // W8A16: a symmetric int8 W (w = q s, q in [-128, 127]) as two int4 planes in the layout above, read
+  // in one pass: w the high plane (nibbles (q >> 4) + 8), w_lo the low one (nibbles q & 15), scales 16
+  // times the int8 scales (the high plane's); mins and zeros NULL; the decode kernel only (M <= 8),
+  // else M3E_ERR_ARG. NULL: int4.
+  const uint32_t* w_lo;
 } m3e_w4a16_args;
 
 typedef struct {

@@ -24,7 +24,7 @@ extern "C" const char* m3e_error_string(int code) {
     case M3E_ERR_ALIGN: return "every pointer must be 16-byte aligned";
     case M3E_ERR_WORKSPACE: return "split-K needs the plan's workspace and zeroed counters";
     case M3E_ERR_CUDA: return "a CUDA call or kernel launch failed";
-    case M3E_ERR_ARG: return "a required pointer is null, or a flag, n_tile or splits is not the plan's";
+    case M3E_ERR_ARG: return "a required pointer is null, or a flag, n_tile or splits is not the plan's (int8: the decode kernel, symmetric)";
     case M3E_ERR_SMEM: return "one token row of K does not fit the shared memory of a CTA (the MoE kernels have no split-K)";
     default: return "unknown error";
   }
@@ -120,10 +120,12 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   if (a->splits > 1 && (!a->workspace || !a->counters)) return M3E_ERR_WORKSPACE;
   if (a->norm_w && (!decode || a->splits != 1 || misaligned(a->norm_w))) return M3E_ERR_ARG;
   if (a->residual && a->out_f32) return M3E_ERR_ARG;
+  if (a->w_lo && (!decode || a->mins || a->zeros || misaligned(a->w_lo))) return M3E_ERR_ARG;
 
   Params p = {};
   p.x = static_cast<const uint16_t*>(a->x);
   p.w = reinterpret_cast<const uint4*>(a->w);
+  p.w2 = reinterpret_cast<const uint4*>(a->w_lo);
   p.s = a->scales;
   p.mn = a->mins;
   p.zp = a->zeros;

@@ -65,6 +65,7 @@ struct Cfg {
 struct Params {
   const uint16_t* x;
   const uint4* w;
+  const uint4* w2;  // decode GEMM, int8 W (W8): the low plane (w the high one; m3e_w4a16_args w_lo)
   const uint16_t* s;
   const uint16_t* mn;
   const uint8_t* zp;

@@ -100,13 +100,23 @@ static inline void decode_layout(Params& p, const DecodeSmem& L, int ns, int cps
 // that correct the A fragment. 2 CTAs per SM: 64 registers.
 // EPI: the epilogue (Epilogue); the MoE ones read their rows and expert from the tile list (or, with
 // none, their one pair's expert from the ids).
-template <bool BF16, bool AFFINE, int EPI>
+// W8: a symmetric int8 W (the GEMM only) as two int4 planes read in one pass: q = 16 (u_hi - 8 + u_lo /
+// 16) with p.w the high plane (nibbles u_hi = (q >> 4) + 8) and p.w2 the low one (u_lo = q & 15), both
+// in the int4 layout, and p.s 16 times the int8 scale. The low plane's A fragment is (C + u_lo) / 16,
+// exact in both 16-bit types (8 + u / 16 in bf16, 64 + u / 16 in fp16: the exponent of C / 16, u in
+// the mantissa), so both planes accumulate into one chain per half block against the same B
+// fragments, started at -(17 C / 16 + 8) sum_k x: sums as large as the int4 form's, so the same
+// rounding. A ring block is then the two planes' 512 bytes.
+template <bool BF16, bool AFFINE, int EPI, bool W8 = false>
 __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params p) {
+  static_assert(!W8 || (!AFFINE && EPI == EPI_GEMM), "W8: the symmetric GEMM only");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
   constexpr bool MOE = EPI != EPI_GEMM;
   constexpr int E = AFFINE ? 16 : 8;  // meta entry bytes
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;  // C in both halves: EX | u = C + u (w4a16.cuh)
+  constexpr uint32_t EXL = BF16 ? 0x41004100u : 0x54005400u;  // C / 16 in both: EXL | u = (C + u) / 16
+  constexpr int RB = W8 ? DU / 2 : DU;  // blocks in the ring (a W8 block is two 512-byte planes)
   constexpr uint32_t ONE2 = BF16 ? 0x3F803F80u : 0x3C003C00u;
   const uint32_t sb = smem_u32(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -198,15 +208,21 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // 2. this warp's first DU blocks, one commit group each. cp.async rather than loads to registers:
   //    ptxas sank such loads below the barrier of step 3 (v9), and their order behind the group
   //    above is what keeps the weights in flight while x and the scales arrive
-  const uint4* wn = pw + ((size_t)(slab0 + sl) * (K / 64) + kb_lo + kp) * 32 + lane;
+  const size_t w_at = ((size_t)(slab0 + sl) * (K / 64) + kb_lo + kp) * 32 + lane;
+  const uint4* wn = pw + w_at;
+  const uint4* wn2 = W8 ? p.w2 + w_at : nullptr;                   // W8: the low plane
   const int wstep = wk * 32;                                       // uint4 between this warp's blocks
   const uint32_t ring = sb + p.sm_ring + (warp * DU * 32 + lane) * 16;  // slot u at + 512 u
 #pragma unroll
-  for (int u = 0; u < DU; ++u) {
-    if (u < nb) cp_async16(ring + u * 512, wn + u * wstep);
+  for (int u = 0; u < RB; ++u) {  // W8: block u in slots 2u (high plane) and 2u + 1 (low)
+    if (u < nb) {
+      cp_async16(ring + (W8 ? 2 * u : u) * 512, wn + u * wstep);
+      if constexpr (W8) cp_async16(ring + (2 * u + 1) * 512, wn2 + u * wstep);
+    }
     cp_async_commit();
   }
-  wn += DU * wstep;
+  wn += RB * wstep;
+  if constexpr (W8) wn2 += RB * wstep;
 
   // 3. expand the scales (and minimums) per 32-k half block while the weights are in flight. Down's
   //    x is gate+up's output: with the dependent launch (sm_90) its CTAs get here while gate+up
@@ -233,7 +249,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     cp_async_commit();
     cp_async_wait<0>();
   } else {
-    cp_async_wait<DU>();
+    cp_async_wait<RB>();
   }
   __syncthreads();
   if constexpr (EPI == EPI_GEMM || EPI == EPI_GATE_UP) {
@@ -276,7 +292,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // this prologue's latency is the stream's; an mma with A = ones, a dependent pair per half block
   // and warp, was 0.3-1.1 us slower at M = 1, NOTES.md v12)
   constexpr float CX = BF16 ? 128.f : 1024.f;
-  constexpr float CS = AFFINE ? CX : CX + 8.f;
+  constexpr float CS = W8 ? CX * 17.f / 16.f + 8.f : AFFINE ? CX : CX + 8.f;
   const int nu = 2 * nkb;         // half blocks of the slice
   const int mp = (p.M + 1) & ~1;  // sx entries a half block; columns past the tile's rows are left
                                   // unset (their products are never stored)
@@ -347,16 +363,17 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   const uint32_t xstep = wk * 128, mstep = (wk << hus) * 8 * E, sstep = wk * 2 * mp * 4, wstep_ = wstep;
   // the loop's addresses and the dequantization constant pinned in registers (ptx.cuh pin); the
   // steps are left to ptxas (pinning them too spilled in the MoE down kernel)
-  uint32_t ex = EX, xa_ = xa, ring_ = ring;
+  uint32_t ex = EX, exl = EXL, xa_ = xa, ring_ = ring;
   pin(ma), pin(sa), pin(mh), pin(sh), pin(ex), pin(xa_), pin(ring_);
+  if constexpr (W8) pin(exl);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
   // one block: 4 k16 steps, two 32-k half blocks with an accumulator each (two independent mma
   // chains). Each starts at its sx (the C' sum_k x taken off, fp32) and is scaled into acc in fp32 at
   // the block's end by its unit's scale. xo: the block's offset in x, bytes (128 per block), from
   // block kp.
-  auto block = [&](const uint4& w, uint32_t xo) {
-    const uint32_t qw[4] = {w.x, w.y, w.z, w.w};
+  auto block = [&](const uint4& w, const uint4& w2, uint32_t xo) {
+    const uint32_t qw[4] = {w.x, w.y, w.z, w.w}, qw2[4] = {w2.x, w2.y, w2.z, w2.w};
     uint32_t b[8];
     ldmatrix_x4(&b[0], xa_ + xo);
     ldmatrix_x4(&b[4], xa_ + xo + 64);
@@ -373,6 +390,12 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       const uint32_t a[4] = {and_or(qv, 0x000f000fu, ex), and_or(qv >> 4, 0x000f000fu, ex),
                              and_or(qv >> 8, 0x000f000fu, ex), and_or(qv >> 12, 0x000f000fu, ex)};
       mma16816<BF16>(tmp[st >> 1], a, b[2 * st], b[2 * st + 1]);
+      if constexpr (W8) {  // the low plane, (C + u_lo) / 16
+        const uint32_t ql = qw2[st];
+        const uint32_t al[4] = {and_or(ql, 0x000f000fu, exl), and_or(ql >> 4, 0x000f000fu, exl),
+                                and_or(ql >> 8, 0x000f000fu, exl), and_or(ql >> 12, 0x000f000fu, exl)};
+        mma16816<BF16>(tmp[st >> 1], al, b[2 * st], b[2 * st + 1]);
+      }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -396,16 +419,22 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   };
 
   uint32_t xo = 0;
-  for (int i0 = 0; i0 < nb; i0 += DU) {
+  for (int i0 = 0; i0 < nb; i0 += RB) {
 #pragma unroll
-    for (int u = 0; u < DU; ++u) {
+    for (int u = 0; u < RB; ++u) {
       if (i0 + u < nb) {
-        cp_async_wait<DU - 1>();  // this lane's copy of block i0 + u landed (one group per block)
-        block(lds_u4(ring_ + u * 512), xo);
+        const uint32_t slot = ring_ + (W8 ? 2 * u : u) * 512;
+        cp_async_wait<RB - 1>();  // this lane's copy of block i0 + u landed (one group per block)
+        const uint4 w = lds_u4(slot);
+        block(w, W8 ? lds_u4(slot + 512) : w, xo);
         xo += xstep;
-        if (i0 + u + DU < nb) cp_async16(ring_ + u * 512, wn);
+        if (i0 + u + RB < nb) {
+          cp_async16(slot, wn);
+          if constexpr (W8) cp_async16(slot + 512, wn2);
+        }
         cp_async_commit();  // even when empty: the wait above counts groups
         wn += wstep_;
+        if constexpr (W8) wn2 += wstep_;
       }
     }
   }
@@ -483,9 +512,9 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
 
 // pdl: launch as a programmatic dependent of the stream's previous kernel (sm_90 only; the MoE
 // launches: pdl_wait / pdl_launch_dependents in the kernel say what may overlap).
-template <bool BF16, bool AFFINE, int EPI = EPI_GEMM>
+template <bool BF16, bool AFFINE, int EPI = EPI_GEMM, bool W8 = false>
 int launch_decode(const Params& p, dim3 grid, int smem, cudaStream_t stream, bool pdl = false) {
-  auto kern = w4a16_decode_kernel<BF16, AFFINE, EPI>;
+  auto kern = w4a16_decode_kernel<BF16, AFFINE, EPI, W8>;
   static bool opted[64] = {};
   if (int rc = opt_in_smem(kern, DECODE_SMEM_MAX, opted); rc != M3E_OK) return rc;
   return launch_kernel(kern, grid, dim3(DTHREADS), smem, stream, pdl, p) == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
@@ -495,10 +524,12 @@ int launch_decode(const Params& p, dim3 grid, int smem, cudaStream_t stream, boo
 int launch_decode_f16(const Params& p, dim3 grid, int smem, cudaStream_t stream);
 int launch_decode_bf16(const Params& p, dim3 grid, int smem, cudaStream_t stream);
 
-// The instantiations, listed: symmetric or affine (zero point or float minimum), per activation dtype.
-#define M3E_W4A16_DECODE_DISPATCH(BF16)                                                \
-  return p.mn || p.zp ? launch_decode<BF16, true>(p, grid, smem, stream, p.pdl != 0) \
-                      : launch_decode<BF16, false>(p, grid, smem, stream, p.pdl != 0);
+// The instantiations, listed: symmetric or affine (zero point or float minimum), per activation dtype;
+// int8 (W8: p.w2, symmetric).
+#define M3E_W4A16_DECODE_DISPATCH(BF16)                                                               \
+  return p.w2 ? launch_decode<BF16, false, EPI_GEMM, true>(p, grid, smem, stream, p.pdl != 0)       \
+              : p.mn || p.zp ? launch_decode<BF16, true>(p, grid, smem, stream, p.pdl != 0) \
+                             : launch_decode<BF16, false>(p, grid, smem, stream, p.pdl != 0);
 
 }  // namespace w4
 }  // namespace m3e
