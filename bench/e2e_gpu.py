@@ -23,6 +23,11 @@ Columns:
   TTFT prefill, a decode step at position 8000 attending to 8192 keys); the CUDA context itself is
   not in it. The load's own peak (weights arriving and being repacked) and the memory plan's total
   are printed with each row.
+
+`--timeline` instead traces one replay of the first preset's decode graph with the profiler and
+prints a layer's kernels in launch order (median duration over the layers, and the gap from the
+previous kernel's end: negative where dependent launches overlap), the layer's start-to-start time
+and the launches outside the layers; the trace (chrome JSON) goes to --out.
 """
 
 from __future__ import annotations

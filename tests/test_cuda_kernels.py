@@ -208,13 +208,19 @@ def _parity(ext, M, n, k, group, kind, act, scale_dtype, splits=0, seed=0, n_til
     w_ref = dequantize_linear(tensors, scheme).cuda()  # fp32 [N, K]
     wt = native.repack({name: v.cuda() for name, v in tensors.items()}, scheme)
     x = torch.randn(M, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)).to(act)
-    ref = x.double() @ w_ref.double().T
+    return _poisoned_errors(lambda out: native.w4a16_gemm(x, wt, out=out, splits=splits, n_tile=n_tile),
+                            x.double() @ w_ref.double().T, act, f"M={M} N={n} K={k} group={group} {kind}")
+
+
+def _poisoned_errors(run, ref: torch.Tensor, act: torch.dtype, what: str) -> tuple[float, float]:
+    """run(out) into an fp32 and an act-dtype out, each NaN-poisoned first (every element must be
+    written): their relative errors against ref (fp64), the second against ref rounded to act."""
     errs = []
     for dt in (torch.float32, act):
-        out = torch.full((M, n), float("nan"), dtype=dt, device="cuda")  # poisoned: every element must be written
-        native.w4a16_gemm(x, wt, out=out, splits=splits, n_tile=n_tile)
+        out = torch.full(tuple(ref.shape), float("nan"), dtype=dt, device="cuda")
+        run(out)
         torch.cuda.synchronize()
-        assert not out.isnan().any(), f"unwritten (NaN) outputs for M={M} N={n} K={k} group={group} {kind} out {dt}"
+        assert not out.isnan().any(), f"unwritten (NaN) outputs for {what} out {dt}"
         errs.append(_rel_err(out, ref.to(dt)))
     return tuple(errs)
 
@@ -324,15 +330,8 @@ def _w8_parity(M, n, k, group, act, seed, splits=0, n_tile=0):
     t = {name: v.cuda() for name, v in pack_linear(q, scale, None, s, scale_dtype=scale_dtype).items()}
     w8 = _w8_linear(t, s)
     x = torch.randn(M, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1)).to(act)
-    ref = x.double() @ dequantize_linear(t, s).double().T
-    errs = []
-    for dt in (torch.float32, act):
-        out = torch.full((M, n), float("nan"), dtype=dt, device="cuda")  # poisoned: every element must be written
-        native.w8a16_gemm(x, w8.hi, w8.lo, out=out, splits=splits, n_tile=n_tile)
-        torch.cuda.synchronize()
-        assert not out.isnan().any(), f"unwritten (NaN) outputs for M={M} N={n} K={k} group={group} out {dt}"
-        errs.append(_rel_err(out, ref.to(dt)))
-    return tuple(errs)
+    return _poisoned_errors(lambda out: native.w8a16_gemm(x, w8.hi, w8.lo, out=out, splits=splits, n_tile=n_tile),
+                            x.double() @ dequantize_linear(t, s).double().T, act, f"M={M} N={n} K={k} group={group} int8")
 
 
 @gpu
