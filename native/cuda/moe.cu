@@ -202,9 +202,11 @@ static void moe_shape(Params& p, int N, int K, int gshift) {
   p.splits = 1;
 }
 
-static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool has_min, bool has_zp, int* smem) {
+static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool has_min, bool has_zp, bool norm,
+                      int* smem) {
   moe_shape(p, N, K, gshift);
-  const DecodeSmem L(mr, ns, K / 64, gshift, p.G, has_min, has_zp);
+  DecodeSmem L(mr, ns, K / 64, gshift, p.G, has_min, has_zp, norm);
+  if (L.total > DECODE_SMEM_MAX) L = DecodeSmem(mr, ns, K / 64, gshift, p.G, has_min, has_zp);  // norm from global
   if (L.total > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
   p.M = mr;
   p.cps = K / 64;
@@ -316,7 +318,10 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
 
   // gate+up: x rows gathered by token, silu(gate) * up into the intermediate
   int smem = 0;
-  if (int rc = moe_params(p, 2 * a->I, a->H, plan.ns_gu, plan.mr_gu, gshift, has_min, has_zp, &smem); rc != M3E_OK)
+  // (one token: a CTA's tile is one pair, so its shared memory is sized for one row)
+  if (int rc = moe_params(p, 2 * a->I, a->H, plan.ns_gu, direct ? 1 : plan.mr_gu, gshift, has_min, has_zp,
+                          a->norm_w != nullptr, &smem);
+      rc != M3E_OK)
     return rc;
   gate_up_io(p, *a);
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles);
@@ -331,7 +336,8 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.norm_w = nullptr;
 
   // down: the intermediate's rows, weighted slot outputs, summed per token by its last slot
-  if (int rc = moe_params(p, a->H, a->I, plan.ns_dn, plan.mr_dn, gshift, has_min, has_zp, &smem); rc != M3E_OK)
+  if (int rc = moe_params(p, a->H, a->I, plan.ns_dn, direct ? 1 : plan.mr_dn, gshift, has_min, has_zp, false, &smem);
+      rc != M3E_OK)
     return rc;
   down_io(p, *a);
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;

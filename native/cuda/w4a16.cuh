@@ -84,6 +84,7 @@ struct Params {
   // decode kernel only (w4a16_decode.cuh): slabs per CTA, log2 of its warps per slab, the x row
   // stride in halves, groups per slab in the metadata layout, shared-memory offsets (DecodeSmem)
   int ns, wk_shift, xstride, gs, sm_meta, sm_sx, sm_raw_s, sm_raw_2, sm_ring;
+  int sm_nw;  // decode kernel: the fused norm's weights in shared memory at this offset (0: read from global)
   // fused MoE launches of the decode kernel only (moe.cu): w/s/mn/zp are stacked over experts; the
   // (token, slot) pairs t topk + j sorted by expert; one token tile per CTA column {expert, first
   // entry of moe_rows, rows (0: no work), 0}; the routing weights [T topk], fp32 (rw_f32) or the

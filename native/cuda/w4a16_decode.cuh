@@ -46,6 +46,38 @@ constexpr int DECODE_SMEM_MAX = 96 << 10;  // fits the 99 KB a block may have on
 // than the tile kernel (NOTES.md v10: M = 4 at 14336 x 4096, M = 8 at 4096 x 4096).
 constexpr int DECODE_X_MAX = 32 << 10;
 
+#ifdef M3E_TRACE
+// A CTA timeline (bench/cta_trace.cu, which builds the kernels with -DM3E_TRACE in one translation
+// unit): per CTA of a decode-kernel launch {entry, its wait done, the K loop's start, its end, the
+// stores done} in globaltimer ns, then {SM, EPI, blockIdx.x, blockIdx.y}. Thread 0 stamps shared
+// memory (no registers held across the kernel) and writes the record at the end.
+__device__ unsigned long long m3e_trace_buf[8 << 15];
+__device__ unsigned int m3e_trace_n;
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define M3E_STAMP(i) \
+  if (threadIdx.x == 0) s_trace[i] = globaltimer();
+#define M3E_TRACE_OUT(epi)                                                                         \
+  if (threadIdx.x == 0) {                                                                          \
+    s_trace[4] = globaltimer();                                                                    \
+    unsigned sm;                                                                                   \
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));                                                \
+    const unsigned i = atomicAdd(&m3e_trace_n, 1u);                                                \
+    if (i < (8u << 12)) {                                                                          \
+      for (int j = 0; j < 5; ++j) m3e_trace_buf[i * 8 + j] = s_trace[j];                           \
+      m3e_trace_buf[i * 8 + 5] = sm;                                                               \
+      m3e_trace_buf[i * 8 + 6] = epi;                                                              \
+      m3e_trace_buf[i * 8 + 7] = ((unsigned long long)blockIdx.y << 32) | blockIdx.x;              \
+    }                                                                                              \
+  }
+#else
+#define M3E_STAMP(i)
+#define M3E_TRACE_OUT(epi)
+#endif
+
 static inline int align16(int b) { return (b + 15) & ~15; }
 
 // Groups a slice of 64 cps k can touch: cps * 64 >> gshift, plus one when a group-128 slice starts
@@ -63,18 +95,21 @@ static inline int decode_groups(int cps, int gshift, int G) {
 //   sx    [2 cps half blocks][M rounded up to even] float: -C' times the half block's sum of a row of
 //         x (see the K loop)
 //   raw   [NS][gs][16] scales as stored, then minimums (16-bit) or zero points (bytes) (cp.async)
+//   nw    [K] the fused norm's weights (cp.async), where the launch has a norm and they fit (else
+//         the norm reads them from global memory)
 //   ring  [warp][DU][32 lanes] 16 B: the weights in flight
 // After the K loop the warps' C fragments reuse the space from offset 0.
 struct DecodeSmem {
-  int gs, meta, sx, raw_s, raw_2, ring, total;
-  DecodeSmem(int M, int ns, int cps, int gshift, int G, bool has_min, bool has_zp) {
+  int gs, meta, sx, raw_s, raw_2, nw, ring, total;
+  DecodeSmem(int M, int ns, int cps, int gshift, int G, bool has_min, bool has_zp, bool norm = false) {
     const int units = gshift == 5 ? 2 * cps : cps;
     gs = decode_groups(cps, gshift, G);
     meta = align16(M * (cps * 64 + 8) * 2);
     sx = meta + ns * units * 8 * (has_min || has_zp ? 16 : 8);
     raw_s = sx + align16(2 * cps * ((M + 1) & ~1) * 4);
     raw_2 = raw_s + align16(ns * gs * 32);
-    ring = raw_2 + align16(has_min ? ns * gs * 32 : has_zp ? ns * gs * 16 : 0);
+    nw = raw_2 + align16(has_min ? ns * gs * 32 : has_zp ? ns * gs * 16 : 0);
+    ring = nw + (norm ? cps * 128 : 0);
     total = ring + DWARPS * DU * 512;
     const int red = DWARPS * 4 * 32 * 4;
     if (total < red) total = red;
@@ -93,6 +128,7 @@ static inline void decode_layout(Params& p, const DecodeSmem& L, int ns, int cps
   p.sm_raw_s = L.raw_s;
   p.sm_raw_2 = L.raw_2;
   p.sm_ring = L.ring;
+  p.sm_nw = L.ring > L.nw ? L.nw : 0;
 }
 
 // BF16: activation dtype. AFFINE: w = u s + m with u = q + 8 in [0, 15]: the float-minimum form, and
@@ -112,6 +148,11 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   static_assert(!W8 || (!AFFINE && EPI == EPI_GEMM), "W8: the symmetric GEMM only");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
+#ifdef M3E_TRACE
+  __shared__ unsigned long long s_trace[5];
+  M3E_STAMP(0)
+  M3E_STAMP(1)
+#endif
   constexpr bool MOE = EPI != EPI_GEMM;
   constexpr int E = AFFINE ? 16 : 8;  // meta entry bytes
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;  // C in both halves: EX | u = C + u (w4a16.cuh)
@@ -131,6 +172,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     // launched dependent on the grouping (sm_90): its tiles are read next; once every gate+up CTA is
     // past this point the grouping is complete, and down's CTAs may start streaming their weights
     pdl_wait();
+    M3E_STAMP(1)
     pdl_launch_dependents();
   }
   if constexpr (MOE) {
@@ -140,30 +182,15 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       expert = t.x;
       row0 = t.y;
       rows = t.z;
-    } else {  // one pair per CTA row, no grouping launch (moe.cu: one token)
-      const long long id = p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[blockIdx.y]
-                                     : static_cast<const int*>(p.moe_ids)[blockIdx.y];
+    } else {  // one pair per CTA row, no grouping launch (moe.cu: one token); its expert is read below
       row0 = blockIdx.y;
       rows = 1;
-      expert = id >= 0 && id < p.moe_E ? (int)id : -1;
     }
   }
   const int ntile = MOE && !direct ? blockIdx.y : blockIdx.x, ntiles = MOE && !direct ? gridDim.y : gridDim.x;
   const int slab0 = ntile * ns, kb_lo = MOE ? 0 : blockIdx.y * cps;
   // the r-th pair of a MoE tile: the grouped list's entry, or the CTA's own pair
   auto pair_of = [&](int r) { return p.moe_tiles ? p.moe_rows[row0 + r] : row0 + r; };
-  if (MOE && expert < 0) {  // an id of no expert: nothing to compute; down counts its zero slot as arrived
-    if constexpr (EPI == EPI_DOWN) {
-      __shared__ int s_tok;
-      pdl_wait();  // the slots and counters of the launch before are settled
-      moe_down_store<BF16, DTHREADS>(p, 1, slab0 * 16, 16 * ns, ntile, ntiles, pair_of,
-                                     [](int, int) { return 0.f; }, &s_tok);
-    }
-    return;
-  }
-  // the expert's weights: [E][N/16][K/64][32] uint4, scales / minimums / zero points [E][N/16][G][16]
-  const uint4* pw = p.w + (size_t)expert * (p.N / 16) * (K / 64) * 32;
-  const size_t meta_e = (size_t)expert * p.N * p.G;
   // a row of x: the GEMM's row r; gate+up: the token of the r-th pair of the tile; down: that pair's
   // row of the intermediate
   auto xrow = [&](int r) -> const uint16_t* {
@@ -179,21 +206,48 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   const int g_lo = (kb_lo * 64) >> gshift;
   const int gn = (((kb_lo + nkb) * 64 - 1) >> gshift) - g_lo + 1;  // groups of this slice, <= gs
 
-  // 1. the small inputs first, so that their DRAM requests queue ahead of the weights': the slice's
-  //    x rows and its groups' scales and minimums / zero points, as stored
+  // 1. the small inputs first, in two cp.async groups ahead of the weights' (v14): (A) the slice's x
+  //    rows and the fused norm's weights, (B) its groups' scales and minimums / zero points, as
+  //    stored. The norm and the sums of x need only A, so they run while B is in flight; the scales
+  //    come from DRAM behind every CTA's weight requests, x from L2.
   // (loops not unrolled: they run about once per thread, and unrolling adds remainder bookkeeping)
-  auto stage_x = [&]() {
+  // The GEMM launched as a programmatic dependent (sm_90: p.pdl) gets x after the wait, as down does:
+  // its CTAs start while the kernel before runs and stream their weights meanwhile. x then comes by
+  // plain loads (load_x), so that waiting for it does not wait for the weights' groups (v14).
+  const bool late_x = EPI == EPI_DOWN || (EPI == EPI_GEMM && p.pdl);
+  if (!late_x) {
 #pragma unroll 1
     for (int r = 0; r < rows; ++r) {
       const uint16_t* xr = xrow(r) + kb_lo * 64;
 #pragma unroll 1
       for (int c = tid; c < nkb * 8; c += DTHREADS) cp_async16(sb + (r * xstride + c * 8) * 2, xr + c * 8);
     }
-  };
-  // The GEMM launched as a programmatic dependent (sm_90: p.pdl) stages x after the wait, as down
-  // does: its CTAs start while the kernel before (the norm) runs and stream their weights meanwhile.
-  const bool late_x = EPI == EPI_DOWN || (EPI == EPI_GEMM && p.pdl);
-  if (!late_x) stage_x();
+  }
+  if (p.sm_nw) {  // the norm's weights (one K slice: the whole row)
+#pragma unroll 1
+    for (int c = tid; c < K / 8; c += DTHREADS) cp_async16(sb + p.sm_nw + c * 16, p.norm_w + c * 8);
+  }
+  cp_async_commit();
+  if constexpr (MOE) {
+    if (direct) {
+      const long long id = p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[blockIdx.y]
+                                     : static_cast<const int*>(p.moe_ids)[blockIdx.y];
+      expert = id >= 0 && id < p.moe_E ? (int)id : -1;
+    }
+  }
+  if (MOE && expert < 0) {  // an id of no expert: nothing to compute; down counts its zero slot as arrived
+    cp_async_wait<0>();     // no copy may outlive the CTA's shared memory
+    if constexpr (EPI == EPI_DOWN) {
+      __shared__ int s_tok;
+      pdl_wait();  // the slots and counters of the launch before are settled
+      moe_down_store<BF16, DTHREADS>(p, 1, slab0 * 16, 16 * ns, ntile, ntiles, pair_of,
+                                     [](int, int) { return 0.f; }, &s_tok);
+    }
+    return;
+  }
+  // the expert's weights: [E][N/16][K/64][32] uint4, scales / minimums / zero points [E][N/16][G][16]
+  const uint4* pw = p.w + (size_t)expert * (p.N / 16) * (K / 64) * 32;
+  const size_t meta_e = (size_t)expert * p.N * p.G;
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)  // 16 scales of a (slab, group): two 16-byte granules
 #pragma unroll 1
@@ -224,9 +278,9 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   wn += RB * wstep;
   if constexpr (W8) wn2 += RB * wstep;
 
-  // 3. expand the scales (and minimums) per 32-k half block while the weights are in flight. Down's
-  //    x is gate+up's output: with the dependent launch (sm_90) its CTAs get here while gate+up
-  //    drains, so x is requested only after the wait, and all groups are awaited (x is the last)
+  // 3. x (late: now, by plain loads), the norm and the sums of x; then the scales (and minimums)
+  //    expanded per scale unit, while the weights are in flight. Down's x is gate+up's output: with
+  //    the dependent launch (sm_90) its CTAs get here while gate+up drains
   if (late_x) {
     if (EPI == EPI_DOWN && direct) {
       // one token: wait for this pair's gate+up CTAs only (their arrival count), not the whole launch,
@@ -245,12 +299,25 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     } else {
       pdl_wait();
     }
-    stage_x();
-    cp_async_commit();
-    cp_async_wait<0>();
-  } else {
-    cp_async_wait<RB>();
+    M3E_STAMP(1)
+    // x from L2 (.cg: written by other CTAs of a running launch, for down), 4 vectors a thread in flight
+    const int per = nkb * 8, total = rows * per;
+#pragma unroll 1
+    for (int c0 = tid; c0 < total; c0 += 4 * DTHREADS) {
+      uint4 v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = c0 + j * DTHREADS, r = c / per;
+        if (c < total) v[j] = __ldcg(reinterpret_cast<const uint4*>(xrow(r) + kb_lo * 64 + (c - r * per) * 8));
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = c0 + j * DTHREADS, r = c / per;
+        if (c < total) sts_u4(sb + (r * xstride + (c - r * per) * 8) * 2, v[j]);
+      }
+    }
   }
+  cp_async_wait<RB + 1>();  // group A: x (unless late) and the norm's weights
   __syncthreads();
   if constexpr (EPI == EPI_GEMM || EPI == EPI_GATE_UP) {
     if (p.norm_w) {  // the fused RMSNorm: the whole row is here (one K slice); m3e_rmsnorm's arithmetic
@@ -278,7 +345,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
 #pragma unroll 1
         for (int v = tid; v < nv; v += DTHREADS) {
           const uint32_t a = sb + (r * xstride + v * 8) * 2;
-          sts_u4(a, scale8_bits<BF16>(lds_u4(a), __ldg(nw + v), rr));
+          sts_u4(a, scale8_bits<BF16>(lds_u4(a), p.sm_nw ? lds_u4(sb + p.sm_nw + v * 16) : __ldg(nw + v), rr));
         }
       }
       __syncthreads();  // the normed rows, before the sums of x below read them
@@ -323,6 +390,8 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // are never stored), k offset 8 (lane >> 3) = matrix lane >> 3
   const uint32_t xl = sb + (min(lane & 7, rows - 1) * xstride + (lane >> 3) * 8) * 2;
   const int hus = gshift == 5, nm = nkb << hus;  // meta units a block (log2), of the slice
+  cp_async_wait<RB>();  // group B: the scales
+  __syncthreads();
 #pragma unroll 1
   for (int s = 0; s < ns; ++s)
 #pragma unroll 1
@@ -418,6 +487,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     sa += sstep;
   };
 
+  M3E_STAMP(2)
   uint32_t xo = 0;
   for (int i0 = 0; i0 < nb; i0 += RB) {
 #pragma unroll
@@ -439,6 +509,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     }
   }
   cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
+  M3E_STAMP(3)
   // the weights are read: the next launch (a dependent on sm_90) may start its CTAs; they wait for
   // this grid to complete before reading its output
   if constexpr (EPI != EPI_GATE_UP) pdl_launch_dependents();
@@ -476,6 +547,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     } else {
       moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, ntiles, pair_of, val, s_token);
     }
+    M3E_TRACE_OUT(EPI)
     return;
   }
 
@@ -488,6 +560,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     else
       mine[i] = v;
   }
+  M3E_TRACE_OUT(EPI)
   if (p.splits == 1) return;
 
   // split-K: the last slice to arrive sums the slices' partials in slice order (w4a16.cuh explains
