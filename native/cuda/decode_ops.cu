@@ -180,27 +180,49 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   constexpr int NT = 32 * LOGIT_WARPS;
   const int64_t m = a.modality[t];
   const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);
+  const uint4* g = static_cast<const uint4*>(a.norm_w);
+  const uint4* w = m >= 0 && m < a.R
+                       ? reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H)
+                       : nullptr;
   const int n = a.H / 8;
+  // H <= 4096 (NOTES.md R16): the row's x, norm weights and router values in registers from one round
+  // of loads, used by both the sum of squares and the dot product (it was a dependent L2 round trip per
+  // NT vectors of the sum of squares, then one more for the dot); the same sums in the same order
+  const bool one = n <= NT * LOGIT_ILP;
+  uint4 xv[LOGIT_ILP], wv[LOGIT_ILP], gv[LOGIT_ILP];
+  if (one) {
+#pragma unroll
+    for (int u = 0; u < LOGIT_ILP; ++u) {
+      const int i = tid + u * NT;
+      xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
+      gv[u] = g && i < n ? g[i] : make_uint4(0, 0, 0, 0);
+      wv[u] = w && i < n ? w[i] : make_uint4(0, 0, 0, 0);
+    }
+  }
   float r = 0.f;  // with norm_w: the row's rms factor (every CTA of the token computes the same)
-  if (a.norm_w) {
+  if (g) {
     __shared__ float scratch[LOGIT_WARPS];
     float ss = 0.f;
+    if (one) {
+#pragma unroll
+      for (int u = 0; u < LOGIT_ILP; ++u) ss += dot8(xv[u], xv[u], BF16);  // zero past the row
+    } else {
 #pragma unroll 1
-    for (int i = tid; i < n; i += NT) ss += dot8(x[i], x[i], BF16);
+      for (int i = tid; i < n; i += NT) ss += dot8(x[i], x[i], BF16);
+    }
     r = rsqrtf(block_sum(ss, scratch) / a.H + a.norm_eps);
   }
   float s = 0.f;
-  if (m >= 0 && m < a.R) {
-    const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.routers) + ((size_t)m * a.E + e) * a.H);
-    const uint4* g = static_cast<const uint4*>(a.norm_w);
+  if (w) {
     for (int i0 = tid; i0 < n; i0 += NT * LOGIT_ILP) {
-      uint4 xv[LOGIT_ILP], wv[LOGIT_ILP], gv[LOGIT_ILP];
+      if (!one) {
 #pragma unroll
-      for (int u = 0; u < LOGIT_ILP; ++u) {
-        const int i = i0 + u * NT;
-        xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
-        wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
-        gv[u] = g && i < n ? g[i] : make_uint4(0, 0, 0, 0);
+        for (int u = 0; u < LOGIT_ILP; ++u) {
+          const int i = i0 + u * NT;
+          xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
+          wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
+          gv[u] = g && i < n ? g[i] : make_uint4(0, 0, 0, 0);
+        }
       }
 #pragma unroll
       for (int u = 0; u < LOGIT_ILP; ++u) {
