@@ -99,7 +99,7 @@ static void trace_case(const char* name, const char* out_dir, int n, F&& call, c
   CK(cudaEventElapsedTime(&ms, e0, e1));
   unsigned cnt = 0;
   CK(cudaMemcpyFromSymbol(&cnt, m3e_trace_n, sizeof cnt));
-  const unsigned cap = 8u << 12;
+  const unsigned cap = TRACE_CAP;
   if (cnt > cap) cnt = cap;
   std::vector<unsigned long long> buf(cnt * 8);
   CK(cudaMemcpyFromSymbol(buf.data(), m3e_trace_buf, buf.size() * sizeof(unsigned long long)));

@@ -48,6 +48,23 @@ def test_nvcc_compiles_every_cu(tmp_path):
         assert r.returncode == 0 and not r.stderr.strip(), f"nvcc {' '.join(ARCHS)} {src.name}:\n{r.stderr}"
 
 
+
+@pytest.mark.slow
+def test_nvcc_compiles_the_trace_build(tmp_path):
+    """bench/cta_trace.cu (the kernels with -DM3E_TRACE, one translation unit, and the harness) compiles
+    for every target card with warnings as errors. Register spills are allowed there only: the trace's
+    stamps cost the affine MoE down kernel (64 registers without them) 4 bytes of spill in this
+    profiling build; the product's kernels are held to no spill above."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    assert nvcc is not None, "nvcc is not installed: the CUDA sources must compile here (CI has it)"
+    src = Path(__file__).resolve().parents[1] / "bench" / "cta_trace.cu"
+    flags = NVCC_FLAGS[:-2] + ["-Xptxas", "-warn-double-usage,-Werror"]  # the ptxas flags without the spill ones
+    targets = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+    r = subprocess.run([nvcc, *flags, *targets, "--threads", "0", "-DM3E_TRACE", f"-I{CUDA_DIR}", "-c", str(src),
+                        "-o", str(tmp_path / "cta_trace.o")], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and not r.stderr.strip(), f"nvcc {' '.join(ARCHS)} {src.name}:\n{r.stderr}"
+
+
 # ---------------------------------------------------------------------------------------------- layout (CPU)
 
 

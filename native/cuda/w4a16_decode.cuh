@@ -51,7 +51,8 @@ constexpr int DECODE_X_MAX = 32 << 10;
 // unit): per CTA of a decode-kernel launch {entry, its wait done, the K loop's start, its end, the
 // stores done} in globaltimer ns, then {SM, EPI, blockIdx.x, blockIdx.y}. Thread 0 stamps shared
 // memory (no registers held across the kernel) and writes the record at the end.
-__device__ unsigned long long m3e_trace_buf[8 << 15];
+constexpr unsigned TRACE_CAP = 1u << 15;  // records of 8 words
+__device__ unsigned long long m3e_trace_buf[TRACE_CAP * 8];
 __device__ unsigned int m3e_trace_n;
 __device__ __forceinline__ unsigned long long globaltimer() {
   unsigned long long t;
@@ -60,19 +61,20 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 }
 #define M3E_STAMP(i) \
   if (threadIdx.x == 0) s_trace[i] = globaltimer();
-#define M3E_TRACE_OUT(epi)                                                                         \
-  if (threadIdx.x == 0) {                                                                          \
-    s_trace[4] = globaltimer();                                                                    \
-    unsigned sm;                                                                                   \
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));                                                \
-    const unsigned i = atomicAdd(&m3e_trace_n, 1u);                                                \
-    if (i < (8u << 12)) {                                                                          \
-      for (int j = 0; j < 5; ++j) m3e_trace_buf[i * 8 + j] = s_trace[j];                           \
-      m3e_trace_buf[i * 8 + 5] = sm;                                                               \
-      m3e_trace_buf[i * 8 + 6] = epi;                                                              \
-      m3e_trace_buf[i * 8 + 7] = ((unsigned long long)blockIdx.y << 32) | blockIdx.x;              \
-    }                                                                                              \
-  }
+// the record, by thread 0 (not inlined: its registers stay out of the kernel's count)
+__device__ __noinline__ void trace_out(const unsigned long long* st, int epi) {
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  const unsigned i = atomicAdd(&m3e_trace_n, 1u);
+  if (i >= TRACE_CAP) return;
+  for (int j = 0; j < 4; ++j) m3e_trace_buf[i * 8 + j] = st[j];
+  m3e_trace_buf[i * 8 + 4] = globaltimer();
+  m3e_trace_buf[i * 8 + 5] = sm;
+  m3e_trace_buf[i * 8 + 6] = epi;
+  m3e_trace_buf[i * 8 + 7] = ((unsigned long long)blockIdx.y << 32) | blockIdx.x;
+}
+#define M3E_TRACE_OUT(epi) \
+  if (threadIdx.x == 0) trace_out(s_trace, epi);
 #else
 #define M3E_STAMP(i)
 #define M3E_TRACE_OUT(epi)
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
 #ifdef M3E_TRACE
-  __shared__ unsigned long long s_trace[5];
+  __shared__ unsigned long long s_trace[4];
   M3E_STAMP(0)
   M3E_STAMP(1)
 #endif
