@@ -63,12 +63,13 @@ __device__ __forceinline__ unsigned long long globaltimer() {
   if (threadIdx.x == 0) s_trace[i] = globaltimer();
 // the record, by thread 0 (not inlined: its registers stay out of the kernel's count)
 __device__ __noinline__ void trace_out(const unsigned long long* st, int epi) {
+  const unsigned long long t_exit = globaltimer();  // before the counter's round trip
   unsigned sm;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   const unsigned i = atomicAdd(&m3e_trace_n, 1u);
   if (i >= TRACE_CAP) return;
   for (int j = 0; j < 4; ++j) m3e_trace_buf[i * 8 + j] = st[j];
-  m3e_trace_buf[i * 8 + 4] = globaltimer();
+  m3e_trace_buf[i * 8 + 4] = t_exit;
   m3e_trace_buf[i * 8 + 5] = sm;
   m3e_trace_buf[i * 8 + 6] = epi;
   m3e_trace_buf[i * 8 + 7] = ((unsigned long long)blockIdx.y << 32) | blockIdx.x;
