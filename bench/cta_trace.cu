@@ -20,21 +20,19 @@
 #include "w4a16_bf16.cu"
 #include "w4a16_f16.cu"
 
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));   \
-      exit(1);                                                                             \
-    }                                                                                      \
+static void fail(const char* file, int line, const char* what, const char* msg) {
+  fprintf(stderr, "%s:%d %s: %s\n", file, line, what, msg);
+  exit(1);
+}
+#define CK(x)                                                                   \
+  do {                                                                          \
+    const cudaError_t e_ = (x);                                                 \
+    if (e_ != cudaSuccess) fail(__FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
   } while (0)
-#define OK(x)                                                                              \
-  do {                                                                                     \
-    int r_ = (x);                                                                          \
-    if (r_ != M3E_OK) {                                                                    \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, m3e_error_string(r_));     \
-      exit(1);                                                                             \
-    }                                                                                      \
+#define OK(x)                                                                  \
+  do {                                                                         \
+    const int r_ = (x);                                                        \
+    if (r_ != M3E_OK) fail(__FILE__, __LINE__, #x, m3e_error_string(r_));      \
   } while (0)
 
 // random 32-bit words (weights: random nibbles), or 16-bit values in [lo, hi) as bf16 (scales, x)
