@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // (loops not unrolled: they run about once per thread, and unrolling adds remainder bookkeeping)
   // The GEMM launched as a programmatic dependent (sm_90: p.pdl) gets x after the wait, as down does:
   // its CTAs start while the kernel before runs and stream their weights meanwhile. x then comes by
-  // plain loads (load_x), so that waiting for it does not wait for the weights' groups (v14).
+  // plain loads (step 3), so that waiting for it does not wait for the weights' groups (v14).
   const bool late_x = EPI == EPI_DOWN || (EPI == EPI_GEMM && p.pdl);
   if (!late_x) {
 #pragma unroll 1
