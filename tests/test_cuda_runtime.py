@@ -362,6 +362,23 @@ def test_m3lite_image_audio_greedy_equals_the_reference(tmp_path):
 
 
 @pytest.mark.gpu
+def test_decode_step_returns_the_callers_own_logits(tmp_path):
+    """Each decode step (a graph replay writing one static logits buffer) returns an ordinary CPU
+    tensor of its own, which later steps leave alone (the engine keeps a step's logits while it samples)."""
+    from m3edge.model.checkpoint import read_config
+    from m3edge.prompt import build_prompt
+    from m3edge.runtime.cuda import CudaBackend
+
+    q = _small_m3(tmp_path)
+    be = CudaBackend(q, max_context=64)
+    _, seen = _greedy(be, build_prompt([1, 2, 3, 4], read_config(q)), 4)
+    steps = seen[1:]  # the decode graph's
+    assert all(s.device.type == "cpu" and s.dtype == torch.float32 and not s.is_pinned() for s in steps)
+    assert len({s.data_ptr() for s in steps}) == len(steps)
+    assert not torch.equal(steps[0], steps[1])
+
+
+@pytest.mark.gpu
 def test_m3lite_int8_greedy_equals_the_reference(tmp_path, capsys):
     """An all-int8 model: attention and shared-expert linears and the lm_head as W8Linear (one pass of
     the decode kernel at one token), the routed experts dequantized through the reference MoE, so the
