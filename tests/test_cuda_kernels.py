@@ -30,23 +30,29 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "--Werror", "all-warnings", "-Xcompiler", "-W
               "-Xptxas", "-warn-double-usage,-warn-lmem-usage,-warn-spills,-Werror"]
 
 
+TARGETS = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+
+
 # ---------------------------------------------------------------------------------------------- compile (CPU)
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    assert nvcc is not None, "nvcc is not installed: the CUDA sources must compile here (CI has it)"
+    return nvcc
 
 
 @pytest.mark.slow
 def test_nvcc_compiles_every_cu(tmp_path):
     """Every kernel file compiles for every target card (one nvcc per file, the four targets on all
     cores); any warning (spills and local memory included) fails."""
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    assert nvcc is not None, "nvcc is not installed: the CUDA sources must compile here (CI has it)"
+    nvcc = _nvcc()
     sources = sorted(CUDA_DIR.glob("*.cu"))
     assert sources, f"no .cu files in {CUDA_DIR}"
-    targets = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
     for src in sources:
-        r = subprocess.run([nvcc, *NVCC_FLAGS, *targets, "--threads", "0", "-c", str(src),
+        r = subprocess.run([nvcc, *NVCC_FLAGS, *TARGETS, "--threads", "0", "-c", str(src),
                             "-o", str(tmp_path / (src.stem + ".o"))], capture_output=True, text=True, check=False)
         assert r.returncode == 0 and not r.stderr.strip(), f"nvcc {' '.join(ARCHS)} {src.name}:\n{r.stderr}"
-
 
 
 @pytest.mark.slow
@@ -55,12 +61,10 @@ def test_nvcc_compiles_the_trace_build(tmp_path):
     for every target card with warnings as errors. Register spills are allowed there only: the trace's
     stamps cost the affine MoE down kernel (64 registers without them) 4 bytes of spill in this
     profiling build; the product's kernels are held to no spill above."""
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    assert nvcc is not None, "nvcc is not installed: the CUDA sources must compile here (CI has it)"
+    nvcc = _nvcc()
     src = Path(__file__).resolve().parents[1] / "bench" / "cta_trace.cu"
     flags = NVCC_FLAGS[:-2] + ["-Xptxas", "-warn-double-usage,-Werror"]  # the ptxas flags without the spill ones
-    targets = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
-    r = subprocess.run([nvcc, *flags, *targets, "--threads", "0", "-DM3E_TRACE", f"-I{CUDA_DIR}", "-c", str(src),
+    r = subprocess.run([nvcc, *flags, *TARGETS, "--threads", "0", "-DM3E_TRACE", f"-I{CUDA_DIR}", "-c", str(src),
                         "-o", str(tmp_path / "cta_trace.o")], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and not r.stderr.strip(), f"nvcc {' '.join(ARCHS)} {src.name}:\n{r.stderr}"
 

@@ -238,13 +238,21 @@ def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, 
     norm (weight [K], eps): x's rows RMS-normed first in the kernel's prologue, as rmsnorm() would
     (where `fuses_norm` says the plan allows it). residual ([..., N], x's dtype): added to the rounded
     output and rounded again (a layer's `h + o_proj(x)`; 16-bit outputs only)."""
+    return _gemm(x, wt, out, splits, n_tile, norm, residual)
+
+
+def _gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None, splits: int, n_tile: int,
+          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+          w_lo: torch.Tensor | None = None) -> torch.Tensor:
+    """The binder's w4a16_gemm over x's leading dimensions (w4a16_gemm, w8a16_gemm)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = torch.empty(x2.shape[0], wt.n, dtype=x.dtype, device=x.device)
     nw, eps = norm if norm is not None else (None, 1e-6)
     res = None if residual is None else residual.reshape(-1, wt.n)
-    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile, nw, eps, res))
+    raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile, nw, eps, res,
+                                w_lo))
     return out.reshape(*lead, wt.n)
 
 
@@ -254,13 +262,7 @@ def w8a16_gemm(x: torch.Tensor, hi: W4Weights, lo: W4Weights, out: torch.Tensor 
     (runtime/cuda.py split_int8: hi = q >> 4 at scale 16 s, lo = q & 15 stored as lo - 8 with zero
     point -8, at scale s), both read in one pass of the decode kernel (M <= 8, where `w8_one_pass`
     says the plan allows it). out, splits, n_tile as w4a16_gemm's."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if out is None:
-        out = torch.empty(x2.shape[0], hi.n, dtype=x.dtype, device=x.device)
-    raise_for(load().w4a16_gemm(x2, hi.w, hi.scales, None, None, out, hi.group, splits, n_tile, None, 1e-6, None,
-                                lo.w))
-    return out.reshape(*lead, hi.n)
+    return _gemm(x, hi, out, splits, n_tile, w_lo=lo.w)
 
 
 def _plan(wt: W4Weights, M: int, device) -> tuple:

@@ -190,15 +190,16 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   // NT vectors of the sum of squares, then one more for the dot); the same sums in the same order
   const bool one = n <= NT * LOGIT_ILP;
   uint4 xv[LOGIT_ILP], wv[LOGIT_ILP], gv[LOGIT_ILP];
-  if (one) {
+  auto load = [&](int i0) {  // vectors i0, i0 + NT, ...: every load issued before the first is used
 #pragma unroll
     for (int u = 0; u < LOGIT_ILP; ++u) {
-      const int i = tid + u * NT;
+      const int i = i0 + u * NT;
       xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
       gv[u] = g && i < n ? g[i] : make_uint4(0, 0, 0, 0);
       wv[u] = w && i < n ? w[i] : make_uint4(0, 0, 0, 0);
     }
-  }
+  };
+  if (one) load(tid);
   float r = 0.f;  // with norm_w: the row's rms factor (every CTA of the token computes the same)
   if (g) {
     __shared__ float scratch[LOGIT_WARPS];
@@ -215,15 +216,7 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   float s = 0.f;
   if (w) {
     for (int i0 = tid; i0 < n; i0 += NT * LOGIT_ILP) {
-      if (!one) {
-#pragma unroll
-        for (int u = 0; u < LOGIT_ILP; ++u) {
-          const int i = i0 + u * NT;
-          xv[u] = i < n ? x[i] : make_uint4(0, 0, 0, 0);
-          wv[u] = i < n ? w[i] : make_uint4(0, 0, 0, 0);
-          gv[u] = g && i < n ? g[i] : make_uint4(0, 0, 0, 0);
-        }
-      }
+      if (!one) load(i0);
 #pragma unroll
       for (int u = 0; u < LOGIT_ILP; ++u) {
         if (g) xv[u] = zip8<BF16>(xv[u], gv[u], [r](float v, float w) { return v * r * w; });  // m3e_rmsnorm's

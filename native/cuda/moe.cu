@@ -205,8 +205,7 @@ static void moe_shape(Params& p, int N, int K, int gshift) {
 static int moe_params(Params& p, int N, int K, int ns, int mr, int gshift, bool has_min, bool has_zp, bool norm,
                       int* smem) {
   moe_shape(p, N, K, gshift);
-  DecodeSmem L(mr, ns, K / 64, gshift, p.G, has_min, has_zp, norm);
-  if (L.total > DECODE_SMEM_MAX) L = DecodeSmem(mr, ns, K / 64, gshift, p.G, has_min, has_zp);  // norm from global
+  const DecodeSmem L(mr, ns, K / 64, gshift, p.G, has_min, has_zp, norm);
   if (L.total > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
   p.M = mr;
   p.cps = K / 64;

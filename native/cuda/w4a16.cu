@@ -151,9 +151,7 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
     const int pdl = m3e::pdl_capable();
     if (pdl < 0) return M3E_ERR_CUDA;
     p.pdl = pdl;
-    DecodeSmem L(a->M, a->n_tile / 16, cps, gshift, a->G, has_min, a->zeros != nullptr, a->norm_w != nullptr);
-    if (L.total > DECODE_SMEM_MAX)  // the norm's weights from global memory, then
-      L = DecodeSmem(a->M, a->n_tile / 16, cps, gshift, a->G, has_min, a->zeros != nullptr);
+    const DecodeSmem L(a->M, a->n_tile / 16, cps, gshift, a->G, has_min, a->zeros != nullptr, a->norm_w != nullptr);
     if (L.total > DECODE_SMEM_MAX) return M3E_ERR_ARG;  // splits not from the plan
     decode_layout(p, L, a->n_tile / 16, cps);
     const int smem = L.total;

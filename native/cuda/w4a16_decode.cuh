@@ -112,8 +112,12 @@ struct DecodeSmem {
     raw_s = sx + align16(2 * cps * ((M + 1) & ~1) * 4);
     raw_2 = raw_s + align16(ns * gs * 32);
     nw = raw_2 + align16(has_min ? ns * gs * 32 : has_zp ? ns * gs * 16 : 0);
-    ring = nw + (norm ? cps * 128 : 0);
+    ring = nw;
     total = ring + DWARPS * DU * 512;
+    if (norm && total + cps * 128 <= DECODE_SMEM_MAX) {  // else the norm reads them from global memory
+      ring += cps * 128;
+      total += cps * 128;
+    }
     const int red = DWARPS * 4 * 32 * 4;
     if (total < red) total = red;
   }
