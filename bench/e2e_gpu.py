@@ -173,12 +173,8 @@ def set_feature(be: CudaBackend, name: str, on: bool) -> None:
     """A decode fusion on or off for the A/B rows: "attn" the one-launch attention (native.attn_decode;
     off: rope_qkv + SDPA), "norm" the input RMSNorm in the qkv GEMM (off: its own launch), "post"
     attention's residual add in the o GEMM and the second norm in routing and gate+up (off: one
-    norm-and-add launch), "two_launches" the one-token MoE pair in the decode kernel's two launches (off:
-    one persistent launch, moe_persist.cuh, which is slower: NOTES.md v16). Graphs captured before
-    keep what they captured (clear them)."""
+    norm-and-add launch). Graphs captured before keep what they captured (clear them)."""
     for layer in be.model.layers:
-        if name == "two_launches" and hasattr(layer.mlp, "one_launch"):
-            layer.mlp.one_launch = not on
         if name == "post":
             if not hasattr(layer, "_fuse_post"):
                 layer._fuse_post = layer.fuse_post
@@ -424,12 +420,10 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
-    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post", "two_launches"],
+    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post"],
                     help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
-                         "norm and attention's residual add in their own launch, two_launches = the "
-                         "one-token MoE pair in one persistent launch rather than the decode kernel's two (slower, "
-                         "NOTES.md v16)")
+                         "norm and attention's residual add in their own launch")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--timeline", action="store_true",
                     help="only time the kernels of one replay of the first --only preset's decode graph, and the gaps "

@@ -344,8 +344,7 @@ def moe_bench(ext, bw: float, out_dir: Path | None, decode_only: bool = False) -
             torch.cuda.synchronize()
         for ev in prof.key_averages():
             name = ev.key
-            kind = ("group" if "moe_group" in name else "persistent" if "moe_persist" in name
-                    else "gate+up" if "EPI)1" in name or ", 1>" in name
+            kind = ("group" if "moe_group" in name else "gate+up" if "EPI)1" in name or ", 1>" in name
                     else "down" if "EPI)2" in name or ", 2>" in name else None)
             if kind:
                 us = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)
@@ -382,20 +381,11 @@ def moe_bench(ext, bw: float, out_dir: Path | None, decode_only: bool = False) -
     ids9 = [torch.randperm(E, device="cuda")[:K + 1].view(1, K + 1).int() for _ in range(n_sets)]
     w9 = torch.softmax(torch.randn(1, K + 1, device="cuda"), -1).to(torch.bfloat16)
     x9, o9 = torch.randn(1, H, device="cuda", dtype=torch.bfloat16), torch.empty(1, H, device="cuda", dtype=torch.bfloat16)
+    t9 = timed(lambda: native.moe_w4a16(x9, ids9[0], w9, ex, out=o9))
+    g9 = try_graph_us(lambda i: native.moe_w4a16(x9, ids9[i], w9, ex, out=o9), n_sets)
     b9 = (K + 1) * ebytes + 2 * H * 2
-    # the plan's (the decode kernel's two launches), then one persistent launch (mma_rows = -2) with
-    # its slabs per item: the plan's, and larger items
-    for label, mr, nsg, nsd in (("two launches", 0, 0, 0), ("one persistent launch", -2, 0, 0),
-                                ("one persistent launch", -2, 8, 8), ("one persistent launch", -2, 8, 16),
-                                ("one persistent launch", -2, 16, 16)):
-        kw = {"mma_rows": mr, "ns_gu": nsg, "ns_dn": nsd}
-        if not ext.moe_plan(1, K + 1, E, H, I, G, **kw):
-            continue
-        t9 = timed(lambda kw=kw: native.moe_w4a16(x9, ids9[0], w9, ex, out=o9, **kw))
-        g9 = try_graph_us(lambda i, kw=kw: native.moe_w4a16(x9, ids9[i], w9, ex, out=o9, **kw), n_sets)
-        print(f"moe T=1, {K + 1} slots (the runtime's call), {label}: {t9:.1f} us flushed "
-              f"({100 * b9 / t9 / 1e3 / bw:.0f}% of copy), {g9:.1f} us in a graph ({100 * b9 / g9 / 1e3 / bw:.0f}%); "
-              f"plan {ext.moe_plan(1, K + 1, E, H, I, G, **kw)}")
+    print(f"moe T=1, {K + 1} slots (the runtime's call): {t9:.1f} us flushed ({100 * b9 / t9 / 1e3 / bw:.0f}% of copy), "
+          f"{g9:.1f} us in a graph ({100 * b9 / g9 / 1e3 / bw:.0f}%); plan {ext.moe_plan(1, K + 1, E, H, I, G)}")
     forced = {f"{nsg}/{nsd}": try_graph_us(lambda i, nsg=nsg, nsd=nsd: native.moe_w4a16(
         x9, ids9[i], w9, ex, out=o9, ns_gu=nsg, ns_dn=nsd), n_sets)
         for nsg, nsd in ((2, 8), (4, 4), (4, 8), (4, 16), (8, 4), (8, 8), (8, 16), (16, 16))}
@@ -408,9 +398,8 @@ def moe_bench(ext, bw: float, out_dir: Path | None, decode_only: bool = False) -
             lines.append(f"| {r['T']} | {r[p + 'active']:.0f} | {r[p + 'ours_us']:.1f} | {r[p + 'GBs']:.0f} | "
                          f"{r[p + 'pct_copy']:.0f}% | {r[p + 'bf16_loop_us']:.1f} | {r[p + 'w4_loop_us']:.1f} | "
                          f"{r[p + 'vs_bf16']:.2f} | {r[p + 'vs_w4_loop']:.2f} |"
-                         + ((f" mma {r['plan'][6]} rows |" if r['plan'][6] else
-                             f" persistent {r['plan'][0]}, {r['plan'][2]} |" if r['plan'][7] else
-                             f" {r['plan'][0]}/{r['plan'][1]}, {r['plan'][2]}/{r['plan'][3]} |") if not p else ""))
+                         + ((f" {r['plan'][0]}/{r['plan'][1]}, {r['plan'][2]}/{r['plan'][3]} |" if not r['plan'][6]
+                             else f" mma {r['plan'][6]} rows |") if not p else ""))
         return "\n".join(lines)
 
     head = (f"Fused MoE, M3-Lite experts (E={E}, H={H}, I={I}, top-{K}), int4 g{G} bf16, {ebytes / 1e6:.2f} MB per "

@@ -223,8 +223,7 @@ std::string check_shape(const at::Tensor& t, const char* name, std::vector<int64
 // 16-row slabs, m3edge.runtime.native.repack_experts), its scales [E, 2I/16, G, 16]; down int32
 // [E, H/16, I/64, 32, 4], scales [E, H/16, I/group, 16]; mins / zeros like the scales, both or
 // neither. ns_gu / ns_dn 0 = the plan's slabs per CTA; mma_rows 0 = the plan's kernel, -1 the decode
-// kernel's two launches, -2 its one persistent launch (one token, symmetric weights; ns_gu / ns_dn
-// then its slabs per item), 16 / 32 / 64 the mma tile kernel with that many token rows per tile.
+// kernel, 16 / 32 / 64 the mma tile kernel with that many token rows per tile.
 std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w_gu,
                       const at::Tensor& s_gu, const c10::optional<at::Tensor>& mn_gu,
                       const c10::optional<at::Tensor>& zp_gu, const at::Tensor& w_dn, const at::Tensor& s_dn,
@@ -295,15 +294,10 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
             "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
   CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
             "ns_dn must be 0 (automatic), 1, 2, 4, 8 or 16, got ", ns_dn);
-  CHECK_MOE(mma_rows == 0 || mma_rows == -1 || mma_rows == -2 || mma_rows == 16 || mma_rows == 32 || mma_rows == 64,
-            "mma_rows must be 0 (automatic), -1 (the decode kernel), -2 (the decode kernel in one persistent launch, ",
-            "one token), 16, 32 or 64, got ", mma_rows);
+  CHECK_MOE(mma_rows == 0 || mma_rows == -1 || mma_rows == 16 || mma_rows == 32 || mma_rows == 64,
+            "mma_rows must be 0 (automatic), -1 (the decode kernel), 16, 32 or 64, got ", mma_rows);
   CHECK_MOE(mma_rows <= 0 || (ns_gu == 0 && ns_dn == 0), "ns_gu / ns_dn choose the decode kernel's slabs per CTA;",
             " they cannot be combined with mma_rows = ", mma_rows, " (the tile kernel)");
-  CHECK_MOE(mma_rows != -2 || x.size(0) == 1, "mma_rows = -2 (the persistent launch) takes one token, got x ",
-            desc(x));
-  CHECK_MOE(mma_rows != -2 || (!mn_gu && !zp_gu), "mma_rows = -2 (the persistent launch) takes symmetric weights;",
-            " these have ", mn_gu ? "float minimums" : "zero points");
   std::vector<std::pair<const char*, const at::Tensor*>> all = {
       {"x", &x}, {"topk_ids", &ids}, {"topk_weights", &weights}, {"gate_up.w", &w_gu}, {"gate_up.scales", &s_gu},
       {"down.w", &w_dn}, {"down.scales", &s_dn}, {"out", &out}};
@@ -621,8 +615,7 @@ std::string rmsnorm(at::Tensor& x, const at::Tensor& w, at::Tensor& out, double 
 #endif
 }
 
-// (ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn, mma_rows, persist) that moe_w4a16 would use; empty
-// when refused.
+// (ns_gu, mr_gu, ns_dn, mr_dn, tiles_gu, tiles_dn, mma_rows) that moe_w4a16 would use; empty when refused.
 std::vector<int64_t> moe_plan(int64_t T, int64_t topk, int64_t E, int64_t H, int64_t I, int64_t group, bool affine,
                               int64_t ns_gu, int64_t ns_dn, int64_t mma_rows) {
 #ifdef M3E_NO_CUDA
@@ -632,7 +625,7 @@ std::vector<int64_t> moe_plan(int64_t T, int64_t topk, int64_t E, int64_t H, int
   if (m3e_moe_plan((int)T, (int)topk, (int)E, (int)H, (int)I, group == -1 ? 0 : (int)group, affine, (int)ns_gu,
                    (int)ns_dn, (int)mma_rows, &p) != M3E_OK)
     return {};
-  return {p.ns_gu, p.mr_gu, p.ns_dn, p.mr_dn, p.tiles_gu, p.tiles_dn, p.mma_rows, p.persist};
+  return {p.ns_gu, p.mr_gu, p.ns_dn, p.mr_dn, p.tiles_gu, p.tiles_dn, p.mma_rows};
 #endif
 }
 

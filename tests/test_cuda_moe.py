@@ -113,13 +113,8 @@ def _moe_args(T=3, k=2, E=4, H=128, I=64, group=32, dtype=torch.float16, **over)
     ({"group": 128, "s_gu": torch.zeros(4, 8, 1, 16, dtype=torch.bfloat16)}, r"group 128 must divide H = 128 and I = 64"),
     ({"out": torch.zeros(3, 128, dtype=torch.bfloat16)}, r"out must be \[3, 128\] Half or Float, got \[3, 128\] BFloat16"),
     ({"ns_gu": 1}, r"ns_gu must be 0 \(automatic\), 2, 4, 8 or 16, got 1"),
-    ({"mma_rows": 8}, r"mma_rows must be 0 \(automatic\), -1 \(the decode kernel\), -2 \(the decode kernel in one persistent launch, one token\), 16, 32 or 64, got 8"),
+    ({"mma_rows": 8}, r"mma_rows must be 0 \(automatic\), -1 \(the decode kernel\), 16, 32 or 64, got 8"),
     ({"mma_rows": 32, "ns_dn": 4}, r"cannot be combined with mma_rows = 32 \(the tile kernel\)"),
-    ({"mma_rows": -2}, r"mma_rows = -2 \(the persistent launch\) takes one token, got x \[3, 128\] Half"),
-    ({"mma_rows": -2, "x": torch.zeros(1, 128, dtype=torch.float16), "topk_ids": torch.zeros(1, 2, dtype=torch.int32),
-      "topk_weights": torch.zeros(1, 2), "out": torch.zeros(1, 128, dtype=torch.float16),
-      "zp_gu": torch.zeros(4, 8, 4, 16, dtype=torch.uint8), "zp_dn": torch.zeros(4, 8, 2, 16, dtype=torch.uint8)},
-     r"takes symmetric weights; these have zero points"),
     ({"residual": torch.zeros(3, 64, dtype=torch.float16)}, r"residual must be like x \[3, 128\] Half, got \[3, 64\] Half"),
     ({}, r"x \[3, 128\] Half is on cpu; every tensor must be on the same CUDA device"),
 ])
@@ -311,15 +306,6 @@ def test_moe_plan_picks_the_kernel(ext):
     assert ext.moe_plan(295, k, E, H, I, ns_gu=2, ns_dn=8)[6] == 0  # slabs per CTA imply the decode kernel
     assert ext.moe_plan(1, k, E, H, I, mma_rows=16)[6] == 16
     assert ext.moe_plan(295, k, E, H, I, ns_gu=2, mma_rows=32) == []
-    # one token in one persistent launch only when asked (slower: NOTES.md v16): symmetric weights,
-    # gate+up 4 slabs an item and down 8 unless forced, and a shape that suits it
-    assert ext.moe_plan(1, k + 1, E, H, I)[7] == 0
-    assert ext.moe_plan(1, k + 1, E, H, I, mma_rows=-2)[:4] + ext.moe_plan(1, k + 1, E, H, I, mma_rows=-2)[7:] == [
-        4, 1, 8, 1, 1]
-    assert ext.moe_plan(1, k, E, H, I, mma_rows=-2, ns_gu=8, ns_dn=16)[:4] == [8, 1, 16, 1]
-    assert ext.moe_plan(1, k, E, H, I, affine=True, mma_rows=-2) == []
-    assert ext.moe_plan(4, k, E, H, I, mma_rows=-2) == []
-    assert ext.moe_plan(1, k, E, 256, 128, mma_rows=-2) == []  # a warp's share of down's K is 2 blocks
 
 
 @gpu
@@ -354,34 +340,6 @@ def test_moe_one_token_without_grouping(ext, i64):
     _check(ex, x, ids, w, gate, up, down, scheme, act, f"one token, ids of no expert seed={seed}")
     ids[0, 2], ids[0, 0] = 3, 3  # one expert twice: two slots of its output
     _check(ex, x, ids, w, gate, up, down, scheme, act, f"one token, the call after seed={seed}")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("group", [32, 64, 128, -1])
-@pytest.mark.parametrize("H,I", [(512, 256), (1024, 512)])
-def test_moe_persistent_one_token(ext, H, I, group, act):
-    """One token in one persistent launch (moe_persist.cuh, mma_rows = -2; items of 8 / 16 slabs at
-    H = 512, of 4 / 8 as M3-Lite's at 1024, and forced 8 / 16 there) and in the two launches agree with
-    the reference: int32 ids with the activations' weights at H = 512, int64 and fp32 at 1024;
-    a shared slot (the last expert in the last slot, as the runtime's); then ids of no expert and one
-    expert in two slots. Every call finds the item counter and the pairs' counts reset by the one
-    before: the same inputs twice give bit-identical outputs."""
-    big = H == 1024
-    seed, (gate, up, down, scheme), ex, x, ids, w = _case(8, H, I, group, "sym", act, 1, 5, i64=big, f32=big)
-    assert ext.moe_plan(1, 5, 8, H, I, group=group, mma_rows=-2)[7] == 1
-    ids[0, 4] = 7
-    label = f"H={H} g{group} {act} seed={seed}"
-    for kw in ({"mma_rows": -2}, {"mma_rows": -1}) + (({"mma_rows": -2, "ns_gu": 8, "ns_dn": 16},) if big else ()):
-        _check(ex, x, ids, w, gate, up, down, scheme, act, f"persistent {label} {kw}", **kw)
-    ids[0, 1], ids[0, 3] = -1, 8  # no expert
-    _check(ex, x, ids, w, gate, up, down, scheme, act, f"persistent, ids of no expert {label}", mma_rows=-2)
-    ids[0, 1], ids[0, 3] = ids[0, 0], 7  # one expert in two slots, twice
-    _check(ex, x, ids, w, gate, up, down, scheme, act, f"persistent, the call after {label}", mma_rows=-2)
-    a = native.moe_w4a16(x, ids, w, ex, out=torch.empty(1, H, device="cuda"), mma_rows=-2)
-    b = native.moe_w4a16(x, ids, w, ex, out=torch.empty(1, H, device="cuda"), mma_rows=-2)
-    assert torch.equal(a, b)
 
 
 @gpu

@@ -332,12 +332,6 @@ class FusedQKVAttention(Attention):
         return self.o_proj(y, residual=residual) if self.fuses_residual() else residual + self.o_proj(y)
 
 
-def pair_kernel(one_launch: bool, x: torch.Tensor) -> int:
-    """moe_w4a16's mma_rows: the plan's choice, or with one_launch one token's pair in one persistent
-    launch (native/cuda/moe_persist.cuh: symmetric weights; the benchmark's A/B, NOTES.md v16)."""
-    return -2 if one_launch and x.shape[0] == 1 else 0
-
-
 class NativeMoE(MoE):
     """The reference MoE with the routed experts in the fused int4 kernel pair (the shared expert too,
     as one more slot of weight 1, when it has the routed experts' shape), and routing that never waits
@@ -349,7 +343,6 @@ class NativeMoE(MoE):
         self.cfg, self.routers, self.routing_log = moe.cfg, moe.routers, None
         self.shared_experts = None if shared_slot else moe.shared_experts
         self.native, self.shared_slot = experts, shared_slot
-        self.one_launch = False  # one token's pair in one persistent launch (the benchmark's A/B; slower)
         self._w: torch.Tensor | None = None  # [R, E, H] fp32 routers for `route` (no routing kernel)
         self._r: torch.Tensor | None = None  # [R, E, H] in the activations' dtype, for the routing kernel
 
@@ -389,8 +382,7 @@ class NativeMoE(MoE):
             y = native.moe_w4a16(xt, ids, w, self.native) + self.shared_experts(xt)
             return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
         res = None if residual is None else residual.reshape(-1, H).contiguous()
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw,
-                                mma_rows=pair_kernel(self.one_launch, xt)).view(B, S, H)
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw).view(B, S, H)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
         logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]
@@ -412,7 +404,6 @@ class NativeDense(nn.Module):
     def __init__(self, experts: native.W4Experts):
         super().__init__()
         self.native = experts
-        self.one_launch = False  # as NativeMoE's
         self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> (ids, weights), made once
 
     def fuses_norm(self) -> bool:
@@ -431,8 +422,7 @@ class NativeDense(nn.Module):
         ids, w = self._slots[T]
         res = None if residual is None else residual.reshape(-1, x.shape[-1]).contiguous()
         nw = None if norm is None else (norm.weight, norm.eps)
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw,
-                                mma_rows=pair_kernel(self.one_launch, xt)).view(x.shape)
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw).view(x.shape)
 
 
 class NativeLayer(nn.Module):

@@ -132,20 +132,16 @@ typedef struct {
   int ns_dn, mr_dn;          // down: likewise
   int tiles_gu, tiles_dn;    // token tiles each launch is sized for
   size_t slot_floats;        // T topk H
-  int n_counters;            // T x the down launch's N tiles (+ 2 topk at T = 1: the pairs' ready counts,
-                             // + 2 for the persistent kernel's item counter)
-  int persist;               // 1: one token in one persistent launch (moe_persist.cuh; mma_rows_req -2)
+  int n_counters;            // T x the down launch's N tiles (+ 2 topk at T = 1: the pairs' ready counts)
 } m3e_moe_plan_t;
 
 // Kernel and tile choice for a shape and weight form (affine: zero points or minimums). The decode
 // kernel (up to 8 rows per tile, each expert's weights read once per tile) for few pairs per expert,
 // the mma tile kernel (16-64 rows, 8 slabs per CTA) for prefill-sized groups. mma_rows_req: 0 the
-// plan's choice, -1 the decode kernel's two launches, -2 its one persistent launch (one token and
-// symmetric weights only, never the plan's choice: slower, NOTES.md v16), 16 / 32 / 64 the tile
-// kernel with that many rows. For the decode kernel, ns_gu_req / ns_dn_req > 0 force the slabs per
-// CTA (per item of the persistent launch; even for gate+up; the benchmark's sweep, the tests'
-// coverage; they imply it when mma_rows_req is 0), and the token rows per tile are the most (8, 4, 2,
-// 1) whose shared memory fits.
+// plan's choice, -1 the decode kernel, 16 / 32 / 64 the tile kernel with that many rows. For the
+// decode kernel, ns_gu_req / ns_dn_req > 0 force the slabs per CTA (even for gate+up; the
+// benchmark's sweep, the tests' coverage; they imply it when mma_rows_req is 0), and the token rows
+// per tile are the most (8, 4, 2, 1) whose shared memory fits.
 int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int affine, int ns_gu_req, int ns_dn_req,
                  int mma_rows_req, m3e_moe_plan_t* plan);
 

@@ -17,8 +17,6 @@
 // - the mma tile kernel (w4a16.cuh) for prefill-sized groups: tiles of 16, 32 or 64 gathered rows
 //   by 128 output rows, the K loop pipelined through shared memory, each expert's weights read once
 //   per tile of rows.
-#include <algorithm>
-
 #include "moe.cuh"
 
 namespace m3e {
@@ -137,66 +135,6 @@ static int moe_tile(int N, int K, int gshift, bool affine, int ns_req, Slabs pre
   return M3E_ERR_SMEM;
 }
 
-// The persistent one-token kernel's item kinds and shared memory (moe_persist.cuh) for slabs per item
-// ns_gu / ns_dn, or an error when they do not suit the shape: symmetric weights, N a multiple of 16
-// ns, and every warp's share of K a multiple of the ring (DU blocks), so that an item's last DU
-// refills are the next one's.
-static int persist_layout(int H, int I, int gshift, bool affine, int ns_gu, int ns_dn, int pairs, bool norm,
-                          PersistArgs* a, int* smem) {
-  if (affine || pairs > PERSIST_MAX_PAIRS) return M3E_ERR_SHAPE;
-  const int N[2] = {2 * I, H}, K[2] = {H, I}, ns[2] = {ns_gu, ns_dn}, E = 8;
-  int off = 0, meta = 0, raw = 0;
-  auto take = [&](int bytes) {
-    const int o = off;
-    off += align16(bytes);
-    return o;
-  };
-  for (int k = 0; k < 2; ++k) {
-    PersistKind& d = a->k[k];
-    const int nkb = K[k] / 64, wk = DWARPS / ns[k];
-    if ((N[k] / 16) % ns[k] || nkb % wk || (nkb / wk) % DU) return M3E_ERR_SHAPE;
-    d.ns = ns[k];
-    for (d.wks = 0; (1 << d.wks) < wk; ++d.wks) {
-    }
-    d.nb = nkb / wk;
-    d.tiles = N[k] / (16 * ns[k]);
-    d.gn = gshift == 31 ? 1 : K[k] >> gshift;
-    d.x_off = take(K[k] * 2);            // one row: every ldmatrix row address is the same
-    d.sx_off = take(2 * nkb * 2 * 4);    // [half blocks][2] floats (column 1 unused: M = 1)
-    meta = std::max(meta, ns[k] * (nkb << (gshift == 5)) * 8 * E);
-    raw = std::max(raw, ns[k] * d.gn * 32);
-  }
-  a->pairs = pairs;
-  a->n_gu = pairs * a->k[0].tiles;
-  a->n_items = a->n_gu + pairs * a->k[1].tiles;
-  a->hus = gshift == 5;
-  a->sm_meta = take(meta);
-  a->sm_raw_s = take(raw);
-  a->sm_red = take(DWARPS * 4 * 32 * 4);
-  a->sm_ring = take(DWARPS * DU * 512);
-  a->sm_nw = norm && off + H * 2 <= DECODE_SMEM_MAX ? take(H * 2) : 0;  // else the norm reads global memory
-  if (off > DECODE_SMEM_MAX) return M3E_ERR_SMEM;
-  *smem = off;
-  return M3E_OK;
-}
-
-// Slabs per item for the persistent kernel: the requested ones (> 0), else the two launches'
-// defaults first (gate+up 4, down 8), then the others; the first pair that suits the shape.
-static int persist_pick(int H, int I, int gshift, bool affine, int pairs, int gu_req, int dn_req, int* ns_gu,
-                        int* ns_dn) {
-  PersistArgs a;
-  int smem;
-  for (int g : {4, 2, 8, 16})
-    for (int d : {8, 4, 16, 2})
-      if ((gu_req <= 0 || g == gu_req) && (dn_req <= 0 || d == dn_req) &&
-          persist_layout(H, I, gshift, affine, g, d, pairs, false, &a, &smem) == M3E_OK) {
-        *ns_gu = g;
-        *ns_dn = d;
-        return M3E_OK;
-      }
-  return M3E_ERR_SHAPE;
-}
-
 }  // namespace w4
 }  // namespace m3e
 
@@ -221,28 +159,11 @@ extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int
   const int gshift = group_shift(group);
   if (gshift < 0 || (group && (H % group || I % group))) return M3E_ERR_GROUP;
   if ((long long)T * topk > (1 << 24)) return M3E_ERR_SHAPE;
-  if (mma_rows_req != 0 && mma_rows_req != -1 && mma_rows_req != -2 && mma_rows_req != 16 && mma_rows_req != 32 &&
-      mma_rows_req != 64)
+  if (mma_rows_req != 0 && mma_rows_req != -1 && mma_rows_req != 16 && mma_rows_req != 32 && mma_rows_req != 64)
     return M3E_ERR_ARG;
   const int n = T * topk;
   const bool forced_ns = ns_gu_req > 0 || ns_dn_req > 0;
   if (mma_rows_req > 0 && forced_ns) return M3E_ERR_ARG;  // slabs per CTA are the decode kernel's
-  plan->persist = 0;
-  if (mma_rows_req == -2) {
-    // one token in one persistent launch (slabs per item forced or picked). Only when asked: v16 is
-    // slower than the two launches (NOTES.md v16)
-    if (T != 1) return M3E_ERR_SHAPE;
-    if (int rc = persist_pick(H, I, gshift, affine != 0, n, ns_gu_req, ns_dn_req, &plan->ns_gu, &plan->ns_dn);
-        rc != M3E_OK)
-      return rc;
-    plan->persist = 1;
-    plan->mma_rows = 0;
-    plan->mr_gu = plan->mr_dn = 1;
-    plan->tiles_gu = plan->tiles_dn = n;
-    plan->slot_floats = (size_t)n * H;
-    plan->n_counters = H / (16 * plan->ns_dn) + 2 * topk + 2;
-    return M3E_OK;
-  }
   const int mma = mma_rows_req > 0 ? mma_rows_req : mma_rows_req == 0 && !forced_ns ? mma_rows_auto(n, E) : 0;
   // the tile kernel's limits: 32-bit x offsets (its registers), the token tiles in the grid's y
   const int mma_tiles = mma > 0 ? tile_bound(n, E, mma) : 0;
@@ -337,49 +258,6 @@ static int moe_tile_launches(const m3e_moe_args& a, Params& p, const m3e_moe_pla
   return launch(EPI_DOWN, a.H, a.I);
 }
 
-// One token in one persistent launch (moe_persist.cuh): gate+up's and down's Params as their launches
-// would have them, the item kinds, and a grid of what fits at once (at most two items a CTA to start).
-static int moe_persist(const m3e_moe_args& a, const m3e_moe_plan_t& plan, int gshift, int gy_gu, int gy_dn,
-                       cudaStream_t s) {
-  const bool affine = a.mn_gu || a.zp_gu;
-  const int n = a.topk;
-  PersistArgs pa;
-  int smem = 0;
-  if (int rc = persist_layout(a.H, a.I, gshift, affine, plan.ns_gu, plan.ns_dn, n, a.norm_w != nullptr, &pa, &smem);
-      rc != M3E_OK)
-    return rc;
-  if (a.norm_w && misaligned(a.norm_w)) return M3E_ERR_ARG;
-  Params pg = {}, pd = {};
-  for (Params* p : {&pg, &pd}) {
-    p->scale_bf16 = a.scale_bf16;
-    p->moe_rw = a.weights;
-    p->rw_f32 = a.weights_f32;
-    p->topk = a.topk;
-    p->moe_res = static_cast<const uint16_t*>(a.residual);
-    p->moe_ids = a.ids;
-    p->ids_i64 = a.ids_i64;
-    p->moe_E = a.E;
-    p->M = 1;
-  }
-  moe_shape(pg, 2 * a.I, a.H, gshift);
-  gate_up_io(pg, a);
-  pg.norm_w = static_cast<const uint16_t*>(a.norm_w);
-  pg.norm_eps = a.norm_eps;
-  pg.moe_ready = a.counters + gy_dn;  // the pairs' counts after down's arrival counters (m3e_moe_plan)
-  pg.moe_ready_target = gy_gu;
-  moe_shape(pd, a.H, a.I, gshift);
-  down_io(pd, a);
-  pa.claim = a.counters + gy_dn + 2 * a.topk;
-  const int items = n * (gy_gu + gy_dn);
-  const int fit = a.act_bf16 ? persist_ctas_bf16(smem) : persist_ctas_f16(smem);
-  if (fit <= 0) return M3E_ERR_CUDA;
-  const int grid = std::min(fit, (items + 1) / 2);
-  const int pdl = m3e::pdl_capable();
-  if (pdl < 0) return M3E_ERR_CUDA;
-  return a.act_bf16 ? launch_persist_bf16(pg, pd, pa, grid, smem, s, pdl == 1)
-                    : launch_persist_f16(pg, pd, pa, grid, smem, s, pdl == 1);
-}
-
 extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   if (!a || !a->x || !a->ids || !a->weights || !a->w_gu || !a->s_gu || !a->w_dn || !a->s_dn || !a->out ||
       !a->inter || !a->rows || !a->tiles || !a->slots || !a->counters)
@@ -401,7 +279,6 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool tile = plan.mma_rows > 0;
   const int gy_gu = 2 * a->I / (16 * plan.ns_gu), gy_dn = tile ? (a->H + NT - 1) / NT : a->H / (16 * plan.ns_dn);
-  if (plan.persist) return moe_persist(*a, plan, gshift, gy_gu, gy_dn, s);
 
   // one token: every pair is its own tile of one row (what the grouping would make, in pair order),
   // so the decode kernel reads each CTA's expert from the ids and the grouping launch is skipped

@@ -3,7 +3,7 @@
 // parallel; the grouping kernel, plan and entry point in moe.cu.
 #pragma once
 
-#include "moe_persist.cuh"
+#include "w4a16_decode.cuh"
 
 namespace m3e {
 namespace w4 {
@@ -11,14 +11,6 @@ namespace w4 {
 // pdl: a programmatic dependent launch (sm_90), launch_decode.
 int launch_moe_f16(const Params& p, int epi, dim3 grid, int smem, cudaStream_t stream, bool pdl);
 int launch_moe_bf16(const Params& p, int epi, dim3 grid, int smem, cudaStream_t stream, bool pdl);
-// The one-token pair in one persistent launch (moe_persist.cuh; symmetric weights), and how many of
-// its CTAs fit at once (0 on error).
-int launch_persist_f16(const Params& pg, const Params& pd, const PersistArgs& a, int grid, int smem,
-                       cudaStream_t stream, bool pdl);
-int launch_persist_bf16(const Params& pg, const Params& pd, const PersistArgs& a, int grid, int smem,
-                        cudaStream_t stream, bool pdl);
-int persist_ctas_f16(int smem);
-int persist_ctas_bf16(int smem);
 // The tile kernel's MoE launches (w4a16.cuh) for prefill-sized groups: mt = token rows per tile / 8.
 int launch_moe_tile_f16(const Params& p, int epi, int mt, bool has_min, dim3 grid, cudaStream_t stream);
 int launch_moe_tile_bf16(const Params& p, int epi, int mt, bool has_min, dim3 grid, cudaStream_t stream);

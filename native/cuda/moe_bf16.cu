@@ -7,11 +7,6 @@ namespace w4 {
 int launch_moe_bf16(const Params& p, int epi, dim3 grid, int smem, cudaStream_t stream, bool pdl) {
   M3E_MOE_DISPATCH(true)
 }
-int launch_persist_bf16(const Params& pg, const Params& pd, const PersistArgs& a, int grid, int smem,
-                       cudaStream_t stream, bool pdl) {
-  return launch_persist<true>(pg, pd, a, grid, smem, stream, pdl);
-}
-int persist_ctas_bf16(int smem) { return persist_ctas<true>(smem); }
 int launch_moe_tile_bf16(const Params& p, int epi, int mt, bool has_min, dim3 grid, cudaStream_t stream) {
   M3E_MOE_TILE_DISPATCH(true)
 }

@@ -7,11 +7,6 @@ namespace w4 {
 int launch_moe_f16(const Params& p, int epi, dim3 grid, int smem, cudaStream_t stream, bool pdl) {
   M3E_MOE_DISPATCH(false)
 }
-int launch_persist_f16(const Params& pg, const Params& pd, const PersistArgs& a, int grid, int smem,
-                       cudaStream_t stream, bool pdl) {
-  return launch_persist<false>(pg, pd, a, grid, smem, stream, pdl);
-}
-int persist_ctas_f16(int smem) { return persist_ctas<false>(smem); }
 int launch_moe_tile_f16(const Params& p, int epi, int mt, bool has_min, dim3 grid, cudaStream_t stream) {
   M3E_MOE_TILE_DISPATCH(false)
 }
