@@ -457,6 +457,8 @@ def test_route_kernel_matches_the_reference(norm_topk):
                                norm_topk, cfg.routed_scaling_factor, extra_id=E)
     zero = modality == 3  # all logits 0: every order is a top-k, compare the weights only
     assert torch.equal(ids[~zero, :-1].long(), i_ref[~zero])
+    k = cfg.num_experts_per_tok  # ... and ties go to the lower expert id
+    assert (ids[zero, :-1] == torch.arange(k, device="cuda", dtype=ids.dtype)).all()
     torch.testing.assert_close(w[:, :-1], w_ref.float(), rtol=1e-2, atol=1e-3)
     assert (ids[:, -1] == E).all() and (w[:, -1] == 1).all()
     # the layer's RMSNorm in the kernel: as routing native.rmsnorm's output

@@ -69,19 +69,34 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, bool bf16) {
 // (value, expert) order of the top-k: larger value first, then the lower expert id.
 __device__ __forceinline__ bool better(float v, int e, float bv, int be) { return v > bv || (v == bv && e < be); }
 
-// Top k of token t's logits by one warp (8 experts a lane), softmax, weights, ids. The logits were
-// written by other CTAs of the launch: read through L2.
-template <bool BF16>
-__device__ void route_select(const m3e_route_args& a, const float* logits, int t, int lane) {
+// Top k of token t's logits by the CTA (NT threads), softmax, weights, ids. The logits were written
+// by other CTAs of the launch: read through L2 into shared memory (sv). Each expert's place in the
+// order (value, then the lower id: `better`) is counted by one thread against all E (no dependent
+// shuffle chain: one warp picking the k best in turn took k rounds of a 5-level argmax, ~1 us at
+// k = 8, NOTES.md R18); the k best land in their slots, then one warp takes the softmax as before.
+template <bool BF16, int NT>
+__device__ void route_select(const m3e_route_args& a, const float* logits, int t, float* sv, int* sel) {
   using A = Act<BF16>;
-  float v[8];
-#pragma unroll
-  for (int r = 0; r < 8; ++r) {
-    const int e = lane + 32 * r;
-    v[r] = e < a.E ? __ldcg(logits + (size_t)t * a.E + e) : -INFINITY;
+  const int tid = threadIdx.x, lane = tid % 32;
+  for (int e = tid; e < a.E; e += NT) sv[e] = __ldcg(logits + (size_t)t * a.E + e);
+  __syncthreads();
+  for (int e = tid; e < a.E; e += NT) {
+    const float v = sv[e];
+    int rank = 0;
+#pragma unroll 4
+    for (int f = 0; f < a.E; ++f) rank += better(sv[f], f, v, e);
+    if (rank < a.k) sel[rank] = e;
   }
+  __syncthreads();
+  if (tid >= 32) return;
   float mx = -INFINITY, den = 0.f;
-  if (!a.norm_topk) {  // softmax over all experts, then the top k of it
+  if (!a.norm_topk) {  // softmax over all experts, then the top k of it (8 experts a lane, as summed before)
+    float v[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      const int e = lane + 32 * r;
+      v[r] = e < a.E ? sv[e] : -INFINITY;
+    }
 #pragma unroll
     for (int r = 0; r < 8; ++r) mx = fmaxf(mx, v[r]);
     for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -89,38 +104,14 @@ __device__ void route_select(const m3e_route_args& a, const float* logits, int t
     for (int r = 0; r < 8; ++r) den += lane + 32 * r < a.E ? expf(v[r] - mx) : 0.f;
     for (int o = 16; o; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
   }
-  unsigned taken = 0;  // bit r: expert lane + 32 r already picked
-  float top0 = 0.f, sum = 0.f, my_val = 0.f;
-  int my_id = 0;
-  for (int j = 0; j < a.k; ++j) {
-    float bv = -INFINITY;
-    int be = 0x7fffffff;
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      const int e = lane + 32 * r;
-      if (e < a.E && !(taken >> r & 1u) && better(v[r], e, bv, be)) {
-        bv = v[r];
-        be = e;
-      }
-    }
-    for (int o = 16; o; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-      if (better(ov, oe, bv, be)) {
-        bv = ov;
-        be = oe;
-      }
-    }
-    if (be % 32 == lane) taken |= 1u << (be / 32);
-    if (j == 0) top0 = bv;
-    if (a.norm_topk) sum += expf(bv - top0);
-    if (lane == j) {  // lane j keeps slot j
-      my_val = bv;
-      my_id = be;
-    }
-  }
+  const float top0 = sv[sel[0]];
+  float sum = 0.f;
+  if (a.norm_topk)
+    for (int j = 0; j < a.k; ++j) sum += expf(sv[sel[j]] - top0);  // slot order
   const int width = a.k + (a.extra_id >= 0);
   if (lane < a.k) {
+    const int my_id = sel[lane];
+    const float my_val = sv[my_id];
     const float p = a.norm_topk ? expf(my_val - top0) / sum : expf(my_val - mx) / den;
     a.ids[(size_t)t * width + lane] = my_id;
     a.weights[(size_t)t * width + lane] = A::f(A::t(p * a.scale));
@@ -240,7 +231,11 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
     __threadfence();
   }
   __syncthreads();
-  if (s_last && tid < 32) route_select<BF16>(a, logits, t, lane);
+  if (s_last) {  // (uniform in the CTA)
+    __shared__ float sv[MAX_EXPERTS];
+    __shared__ int sel[MAX_TOPK];
+    route_select<BF16, NT>(a, logits, t, sv, sel);
+  }
 }
 
 // RMSNorm of each row (F.rms_norm: fp32 throughout, one rounding): grid T, 16-byte vectors. With a

@@ -150,7 +150,7 @@ int m3e_moe_w4a16(const m3e_moe_args* args, void* stream);
 // MoE routing (native/cuda/decode_ops.cu) in one launch: the logits (a CTA per token and expert:
 // the token's modality picks its router; x and the router's bf16/fp16 values, products summed in
 // fp32; the fusion experts, the last n_fusion, masked where fusion_ok is 0), then the token's last
-// CTA to finish picks the top k with one warp (ties to the
+// CTA to finish picks the top k (each expert's rank counted by a thread; ties to the
 // lower expert id) with softmax over those k (norm_topk) or over all E, times `scale`, rounded to the
 // activations' type (as the reference's weights are) and stored as fp32. extra_id >= 0 appends one
 // more slot per token, that id with weight 1 (the shared expert run as expert E of the stack).
