@@ -473,6 +473,11 @@ def test_route_kernel_matches_the_reference(norm_topk):
     torch.testing.assert_close(w_n, w_r, rtol=1e-2, atol=1e-3)
     fus = ids[~fusion_ok, :-1]
     assert (fus < E - cfg.num_fusion_experts).all()
+    # a NaN row (a broken model upstream) still gives k distinct experts, no slot left unset
+    x[0] = float("nan")
+    ids_nan, _ = native.route_topk(x, routers, modality, fusion_ok, cfg.num_experts_per_tok, cfg.num_fusion_experts,
+                                   norm_topk, cfg.routed_scaling_factor)
+    assert ((ids_nan[0] >= 0) & (ids_nan[0] < E)).all() and ids_nan[0].unique().numel() == ids_nan.shape[1]
 
 
 @pytest.mark.gpu
