@@ -78,11 +78,12 @@ template <bool BF16, int NT>
 __device__ void route_select(const m3e_route_args& a, const float* logits, int t, float* sv, int* sel) {
   using A = Act<BF16>;
   const int tid = threadIdx.x, lane = tid % 32;
-  for (int e = tid; e < a.E; e += NT) {  // (a NaN logit ranks as -inf: every expert gets one place)
+  // a NaN logit ranks as -inf, so `better` orders all E strictly: every expert gets its own place and
+  // every slot below k <= E is filled
+  for (int e = tid; e < a.E; e += NT) {
     const float v = __ldcg(logits + (size_t)t * a.E + e);
     sv[e] = isnan(v) ? -INFINITY : v;
   }
-  if (tid < a.k) sel[tid] = -1;  // (never left so: k <= E)
   __syncthreads();
   for (int e = tid; e < a.E; e += NT) {
     const float v = sv[e];
@@ -108,15 +109,14 @@ __device__ void route_select(const m3e_route_args& a, const float* logits, int t
     for (int r = 0; r < 8; ++r) den += lane + 32 * r < a.E ? expf(v[r] - mx) : 0.f;
     for (int o = 16; o; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
   }
-  auto val = [&](int j) { return sel[j] >= 0 ? sv[sel[j]] : -INFINITY; };  // slot j's logit
-  const float top0 = val(0);
+  const float top0 = sv[sel[0]];
   float sum = 0.f;
   if (a.norm_topk)
-    for (int j = 0; j < a.k; ++j) sum += expf(val(j) - top0);  // slot order
+    for (int j = 0; j < a.k; ++j) sum += expf(sv[sel[j]] - top0);  // slot order
   const int width = a.k + (a.extra_id >= 0);
   if (lane < a.k) {
     const int my_id = sel[lane];
-    const float my_val = val(lane);
+    const float my_val = sv[my_id];
     const float p = a.norm_topk ? expf(my_val - top0) / sum : expf(my_val - mx) / den;
     a.ids[(size_t)t * width + lane] = my_id;
     a.weights[(size_t)t * width + lane] = A::f(A::t(p * a.scale));
