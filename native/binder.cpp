@@ -230,7 +230,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
                       const c10::optional<at::Tensor>& mn_dn, const c10::optional<at::Tensor>& zp_dn, at::Tensor& out,
                       int64_t group, int64_t ns_gu, int64_t ns_dn, int64_t mma_rows,
                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& norm_w,
-                      double norm_eps) {
+                      double norm_eps, int64_t pre_id, const c10::optional<at::Tensor>& early) {
   CHECK_MOE(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ", desc(x));
   const int64_t T = x.size(0), H = x.size(1);
   CHECK_MOE(T >= 1 && H % 64 == 0 && H > 0, "x [T, H] needs T >= 1 and H a multiple of 64, got ", desc(x));
@@ -290,6 +290,12 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
             "norm_w must be [", x.size(1), "] of x's dtype, got ", desc(*norm_w));
   CHECK_MOE(!norm_w || (x.size(0) == 1 && mma_rows <= 0), "a fused RMSNorm takes one token on the decode kernel, got x ",
             desc(x), " and mma_rows ", mma_rows);
+  CHECK_MOE(pre_id < 0 || (x.size(0) == 1 && mma_rows <= 0 && pre_id < w_gu.size(0)),
+            "pre_id (the last slot's expert, known before routing) takes one token on the decode kernel and an id "
+            "below E = ", w_gu.size(0), ", got x ", desc(x), ", mma_rows ", mma_rows, ", pre_id ", pre_id);
+  CHECK_MOE(!early || (pre_id >= 0 && early->dim() == 1 && early->size(0) == 2 && early->scalar_type() == at::kInt),
+            "early needs pre_id and must be int32 [2] (zero before the first call), got ",
+            early ? desc(*early) : std::string());
   CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
             "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
   CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
@@ -305,6 +311,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   if (zp_gu) all.insert(all.end(), {{"gate_up.zeros", &*zp_gu}, {"down.zeros", &*zp_dn}});
   if (residual) all.push_back({"residual", &*residual});
   if (norm_w) all.push_back({"norm_w", &*norm_w});
+  if (early) all.push_back({"early", &*early});
   if (auto e = check_all("moe_w4a16", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: moe_w4a16: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -359,6 +366,9 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   a.residual = residual ? residual->data_ptr() : nullptr;
   a.norm_w = norm_w ? norm_w->data_ptr() : nullptr;
   a.norm_eps = (float)norm_eps;
+  a.pre_routed = pre_id >= 0;
+  a.pre_id = (int)pre_id;
+  a.early = early ? early->data_ptr<int>() : nullptr;
   rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
@@ -381,7 +391,7 @@ std::string run_status(const char* op, int rc) {
 std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at::Tensor& modality,
                        const at::Tensor& fusion_ok, at::Tensor& ids, at::Tensor& weights, int64_t k, int64_t n_fusion,
                        bool norm_topk, int64_t extra_id, double scale, const c10::optional<at::Tensor>& norm_w,
-                       double norm_eps) {
+                       double norm_eps, const c10::optional<at::Tensor>& early) {
   CHECK_OP("route_topk", x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ",
            desc(x));
   const int64_t T = x.size(0), H = x.size(1);
@@ -407,7 +417,10 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   std::vector<std::pair<const char*, const at::Tensor*>> all = {
       {"x", &x}, {"routers", &routers}, {"modality", &modality}, {"fusion_ok", &fusion_ok}, {"ids", &ids},
       {"weights", &weights}};
+  CHECK_OP("route_topk", !early || (early->dim() == 1 && early->size(0) == 2 && early->scalar_type() == at::kInt),
+           "early must be int32 [2], got ", early ? desc(*early) : std::string());
   if (norm_w) all.push_back({"norm_w", &*norm_w});
+  if (early) all.push_back({"early", &*early});
   if (auto e = check_all("route_topk", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: route_topk: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -442,6 +455,7 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   a.scale = (float)scale;
   a.norm_w = norm_w ? norm_w->data_ptr() : nullptr;
   a.norm_eps = (float)norm_eps;
+  a.early = early ? early->data_ptr<int>() : nullptr;
   return run_status("route_topk", m3e_route(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
 }
@@ -660,14 +674,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("w_gu"), py::arg("s_gu"),
         py::arg("mn_gu"), py::arg("zp_gu"), py::arg("w_dn"), py::arg("s_dn"), py::arg("mn_dn"), py::arg("zp_dn"),
         py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0, py::arg("mma_rows") = 0,
-        py::arg("residual") = py::none(), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6);
+        py::arg("residual") = py::none(), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6,
+        py::arg("pre_id") = -1, py::arg("early") = py::none());
   m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
         py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0,
         py::arg("mma_rows") = 0);
   m.def("route_topk", &route_topk, "MoE routing (native/cuda/decode_ops.cu); returns an error message or ''",
         py::arg("x"), py::arg("routers"), py::arg("modality"), py::arg("fusion_ok"), py::arg("ids"),
         py::arg("weights"), py::arg("k"), py::arg("n_fusion"), py::arg("norm_topk"), py::arg("extra_id"),
-        py::arg("scale"), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6);
+        py::arg("scale"), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6, py::arg("early") = py::none());
   m.def("rmsnorm", &rmsnorm, "RMSNorm (native/cuda/decode_ops.cu); returns an error message or ''", py::arg("x"),
         py::arg("w"), py::arg("out"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_qkv", &rope_qkv, "q/k norm, RoPE, KV-cache write (native/cuda/decode_ops.cu); returns an error or ''",

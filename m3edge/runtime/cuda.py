@@ -345,6 +345,11 @@ class NativeMoE(MoE):
         self.native, self.shared_slot = experts, shared_slot
         self._w: torch.Tensor | None = None  # [R, E, H] fp32 routers for `route` (no routing kernel)
         self._r: torch.Tensor | None = None  # [R, E, H] in the activations' dtype, for the routing kernel
+        # one token with the shared slot: routing's flag that x is settled, on which the shared expert's
+        # gate+up CTAs start (they stream while routing runs; native.moe_w4a16 `early`); a switch for
+        # the benchmark's A/B
+        self._early: torch.Tensor | None = None
+        self.shared_early = True
 
     def prepare(self) -> None:
         """Stack the routers once the weights are in, for whichever routing runs (the kernel on a GPU
@@ -352,6 +357,8 @@ class NativeMoE(MoE):
         w = torch.stack([r.weight for r in self.routers]).contiguous()
         if w.is_cuda and w.shape[1] <= 256 and self.cfg.num_experts_per_tok <= 16 and w.shape[2] % 8 == 0:
             self._r = w
+            if self.shared_slot:
+                self._early = torch.zeros(2, dtype=torch.int32, device=w.device)
         else:
             self._w = w.float()
 
@@ -374,15 +381,17 @@ class NativeMoE(MoE):
         xt = x.reshape(-1, H).contiguous()
         c = self.cfg
         nw = None if norm is None else (norm.weight, norm.eps)
+        shared = self.native.n_experts - 1 if self.shared_slot else -1
+        early = self._early if self.shared_early and xt.shape[0] == 1 else None
         ids, w = native.route_topk(xt, self._r, modality.reshape(-1).contiguous(), fusion_ok.reshape(-1).contiguous(),
                                    c.num_experts_per_tok, c.num_fusion_experts, c.norm_topk_prob,
-                                   c.routed_scaling_factor, self.native.n_experts - 1 if self.shared_slot else -1,
-                                   norm=nw)
+                                   c.routed_scaling_factor, shared, norm=nw, early=early)
         if self.shared_experts is not None:
             y = native.moe_w4a16(xt, ids, w, self.native) + self.shared_experts(xt)
             return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
         res = None if residual is None else residual.reshape(-1, H).contiguous()
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw).view(B, S, H)
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw, pre_id=shared if early is not None else -1,
+                                early=early).view(B, S, H)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
         logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]

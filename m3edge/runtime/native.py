@@ -340,7 +340,8 @@ def repack_experts(gate: list[dict[str, torch.Tensor]], up: list[dict[str, torch
 
 def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: W4Experts,
               out: torch.Tensor | None = None, ns_gu: int = 0, ns_dn: int = 0, mma_rows: int = 0,
-              residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+              pre_id: int = -1, early: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts of an MoE layer, fused (native/cuda/moe.cu): x [T, H] fp16/bf16, topk_ids
     [T, k] int32/int64, topk_weights [T, k] float32 or x's dtype -> [T, H] = sum_j topk_weights[t, j] *
     down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]; an id outside [0, E) adds nothing.
@@ -351,29 +352,36 @@ def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     mma tile kernel (tiles of 16-64 pairs, prefill). mma_rows forces it: -1 the decode kernel, 16 / 32 /
     64 the tile kernel with that many pairs per tile (0 = the plan's); ns_gu / ns_dn force the decode
     kernel's slabs per CTA of the two launches (0 = the plan's). norm (weight [H], eps), one token on
-    the decode kernel: gate+up reads x RMS-normed as rmsnorm() would (the residual is not normed)."""
+    the decode kernel: gate+up reads x RMS-normed as rmsnorm() would (the residual is not normed).
+    pre_id, one token on the decode kernel: the last slot's expert, known before routing (the shared
+    expert; the ids' last column is not read for it); its CTAs run first, and with `early` (int32 [2],
+    zeros, also given to the route_topk call before) its gate+up CTAs start once routing's input is
+    settled instead of after routing, so they stream while routing runs."""
     if out is None:
         out = torch.empty(x.shape[0], experts.gate_up.k, dtype=x.dtype, device=x.device)
     gu, dn = experts.gate_up, experts.down
     nw, eps = norm if norm is not None else (None, 1e-6)
     raise_for(load().moe_w4a16(x, topk_ids, topk_weights, gu.w, gu.scales, gu.mins, gu.zeros, dn.w, dn.scales,
-                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows, residual, nw, eps))
+                               dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows, residual, nw, eps, pre_id,
+                               early))
     return out
 
 
 def route_topk(x: torch.Tensor, routers: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor, k: int,
                n_fusion: int, norm_topk: bool, scale: float, extra_id: int = -1,
-               norm: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               norm: tuple[torch.Tensor, float] | None = None,
+               early: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE routing in one launch (native/cuda/decode_ops.cu): x [T, H], routers [R, E, H] (x's dtype),
     modality int64 [T], fusion_ok bool [T] -> ids int32, weights fp32 [T, k (+1 with extra_id >= 0:
     that id, weight 1)]; the reference's `route` choice (m3lite.py). norm (weight [H], eps): the
-    logits of x RMS-normed as rmsnorm() would."""
+    logits of x RMS-normed as rmsnorm() would. early (int32 [2]): its first entry set once x is settled,
+    for the moe_w4a16 call that follows (its `early`)."""
     width = k + (extra_id >= 0)
     ids = torch.empty(x.shape[0], width, dtype=torch.int32, device=x.device)
     w = torch.empty(x.shape[0], width, dtype=torch.float32, device=x.device)
     nw, eps = norm if norm is not None else (None, 1e-6)
     raise_for(load().route_topk(x, routers, modality, fusion_ok, ids, w, k, n_fusion, norm_topk, extra_id, scale,
-                                nw, eps))
+                                nw, eps, early))
     return ids, w
 
 

@@ -173,6 +173,10 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   pdl_launch_dependents();  // sm_90 dependents (the MoE's first launch) may start; they wait for this grid
   pdl_wait();               // launched as a dependent: x is the kernel before's output
   const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
+  if (a.early && e == 0 && t == 0 && tid == 0) {  // x is settled: the MoE's pre-routed pair may start
+    __threadfence();
+    st_release(a.early, 1);
+  }
   constexpr int NT = 32 * LOGIT_WARPS;
   const int64_t m = a.modality[t];
   const uint4* x = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + (size_t)t * a.H);

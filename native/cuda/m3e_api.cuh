@@ -124,6 +124,13 @@ typedef struct {
   // kernel only, else M3E_ERR_ARG. The residual, if any, is not normed.
   const void* norm_w;        // [H] x's type
   float norm_eps;
+  // One token on the decode kernel: with pre_routed, the last slot's expert is pre_id whatever ids
+  // says (the shared expert: known before routing); its CTAs run first, and with `early` ([2] int32,
+  // zero before the first call, left zero; also given to m3e_route, which sets early[0] once the
+  // launch before it has completed) its gate+up CTAs start on that flag instead of waiting for the
+  // launch before this one, so they stream while routing runs. Else M3E_ERR_ARG.
+  int pre_routed, pre_id;
+  int* early;
 } m3e_moe_args;
 
 typedef struct {
@@ -167,6 +174,8 @@ typedef struct {
   float scale;
   const void* norm_w;          // [H] or NULL: x is RMS-normed with it first (m3e_rmsnorm's arithmetic)
   float norm_eps;
+  int* early;                  // or NULL: early[0] set to 1 once the launch before has completed (x is
+                               // settled; the fused MoE's pre-routed slot starts on it, m3e_moe_args)
 } m3e_route_args;
 
 int m3e_route(const m3e_route_args* args, void* stream);

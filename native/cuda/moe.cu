@@ -284,6 +284,8 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   // so the decode kernel reads each CTA's expert from the ids and the grouping launch is skipped
   const bool direct = !tile && a->T == 1;
   if (a->norm_w && (!direct || misaligned(a->norm_w))) return M3E_ERR_ARG;
+  if (a->pre_routed && (!direct || a->pre_id < 0 || a->pre_id >= a->E)) return M3E_ERR_ARG;
+  if (a->early && !a->pre_routed) return M3E_ERR_ARG;
   const int staged = n <= GROUP_STAGE_MAX;  // with E <= 1024: at most 56 KB, under the 64 KB asked for once
   static bool group_opted[64] = {};
   if (int rc = opt_in_smem(moe_group_kernel, (6 * 1024 + GROUP_STAGE_MAX) * (int)sizeof(int), group_opted);
@@ -306,6 +308,8 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.moe_ids = a->ids;
   p.ids_i64 = a->ids_i64;
   p.moe_E = a->E;
+  p.moe_pre_id = a->pre_routed ? a->pre_id : -1;
+  p.moe_early = a->early;
   if (tile) return moe_tile_launches(*a, p, plan, gshift, s);
   // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
   // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)

@@ -88,6 +88,11 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
   return v;
 }
 
+// A 32-bit store with release semantics at GPU scope (sets a flag that ld_acquire reads).
+__device__ __forceinline__ void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 // (a & b) | c in one instruction: lut = (0xf0 & 0xcc) | 0xaa.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;

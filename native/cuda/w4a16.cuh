@@ -101,6 +101,12 @@ struct Params {
   // have seen all of them [topk]; down waits for moe_ready_target (gate+up's N tiles) of its pair
   int* moe_ready;
   int moe_ready_target;
+  // one token: moe_pre_id >= 0 is the last slot's expert, known before routing (the shared expert);
+  // that pair's CTAs are then the first of each launch (CTA row 0), and with moe_early ([2]: a flag
+  // m3e_route sets once the launch before it has completed, then a count of this pair's gate+up CTAs
+  // that saw it) its gate+up CTAs wait for the flag, not for routing: they stream during routing
+  int moe_pre_id;
+  int* moe_early;
   int topk, rw_f32;
 };
 

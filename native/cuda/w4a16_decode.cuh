@@ -174,11 +174,29 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // one token (no tile list) grid (N tiles, pairs): CTAs start pair by pair, so gate+up finishes its
   // pairs in order and down's CTAs, started in the same order, wait for their own pair only
   const bool direct = MOE && !p.moe_tiles;
+  // one token: CTA row y is pair y, or with a pre-routed last pair (moe_pre_id) that pair first
+  const int drow = !direct ? 0 : p.moe_pre_id < 0 ? blockIdx.y : (blockIdx.y + gridDim.y - 1) % gridDim.y;
+  const bool pre = direct && p.moe_pre_id >= 0 && drow == (int)gridDim.y - 1;
   int rows = p.M, row0 = 0, expert = 0;
   if constexpr (EPI == EPI_GATE_UP) {
-    // launched dependent on the grouping (sm_90): its tiles are read next; once every gate+up CTA is
-    // past this point the grouping is complete, and down's CTAs may start streaming their weights
-    pdl_wait();
+    if (pre && p.moe_early) {
+      // the pre-routed pair reads only x (the launch before routing wrote it) and its own weights:
+      // wait for routing's flag that x is settled, not for routing; the pair's last CTA past here
+      // clears the flag and the count for the next call (the next routing runs after this launch)
+      if (tid == 0) {
+        while (ld_acquire(p.moe_early) == 0) __nanosleep(32);
+        if (atomicAdd(p.moe_early + 1, 1) == (int)gridDim.x - 1) {
+          p.moe_early[0] = 0;
+          p.moe_early[1] = 0;
+        }
+      }
+      __syncthreads();
+    } else {
+      // launched dependent on the grouping or routing (sm_90): its tiles or ids are read next; once
+      // every gate+up CTA is past this point they are complete, and down's CTAs may start streaming
+      // their weights
+      pdl_wait();
+    }
     M3E_STAMP(1)
     pdl_launch_dependents();
   }
@@ -190,7 +208,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       row0 = t.y;
       rows = t.z;
     } else {  // one pair per CTA row, no grouping launch (moe.cu: one token); its expert is read below
-      row0 = blockIdx.y;
+      row0 = drow;
       rows = 1;
     }
   }
@@ -237,8 +255,9 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   cp_async_commit();
   if constexpr (MOE) {
     if (direct) {
-      const long long id = p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[blockIdx.y]
-                                     : static_cast<const int*>(p.moe_ids)[blockIdx.y];
+      const long long id = pre            ? p.moe_pre_id
+                           : p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[row0]
+                                       : static_cast<const int*>(p.moe_ids)[row0];
       expert = id >= 0 && id < p.moe_E ? (int)id : -1;
     }
   }
