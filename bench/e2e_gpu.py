@@ -191,7 +191,7 @@ def set_feature(be: CudaBackend, name: str, on: bool) -> None:
             a.qkv.norm_at_one = on and a.qkv._norm_at_one
 
 
-def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = ()) -> dict:
+def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = (), slabs: list[str] = ()) -> dict:
     cfg = be.cfg
     cache = be.new_cache()
     prompt = text_prompt(cfg, 32)
@@ -210,6 +210,18 @@ def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = ()) -> dict:
         set_feature(be, feature, True)
         cache.graphs.clear()
         row[f"without_{feature}"] = {"graph_tps": 1e6 / off_us, "step_tps": off_step}
+    for sl in slabs:  # the one-token MoE pair with forced slabs per CTA "GU/DN" (0 = the plan's)
+        gu, dn = (int(v) for v in sl.split("/"))
+        for layer in be.model.layers:
+            if hasattr(layer.mlp, "slabs"):
+                layer.mlp.slabs = (gu, dn)
+        cache.graphs.clear()
+        sl_step, sl_us, logits, pos = decode_rate(be, cache, logits, pos)
+        row.setdefault("slabs", {})[sl] = {"graph_tps": 1e6 / sl_us, "step_tps": sl_step}
+    for layer in be.model.layers:
+        if hasattr(layer.mlp, "slabs"):
+            layer.mlp.slabs = (0, 0)
+    cache.graphs.clear()
     if cfg.vision_config is not None:
         mp, frontend_s = media_prompt(cfg)
         tt = []
@@ -428,6 +440,15 @@ def main() -> None:
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
                          "norm and attention's residual add in their own launch, early = the shared expert's "
                          "gate+up after routing instead of during it")
+    def slabs(v: str) -> str:
+        gu, _, dn = v.partition("/")
+        if not (gu in ("0", "2", "4", "8", "16") and dn in ("0", "1", "2", "4", "8", "16")):
+            raise argparse.ArgumentTypeError(f"{v!r}: GU/DN with GU in 0, 2, 4, 8, 16 and DN in 0, 1, 2, 4, 8, 16")
+        return v
+
+    ap.add_argument("--slabs", nargs="*", default=[], metavar="GU/DN", type=slabs,
+                    help="also time decode with the one-token MoE pair's slabs per CTA forced (gate+up / down, e.g. "
+                         "8/8; 0 = the plan's)")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--timeline", action="store_true",
                     help="only time the kernels of one replay of the first --only preset's decode graph, and the gaps "
@@ -459,7 +480,7 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         load_peak = torch.cuda.max_memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()  # the run's peak from here: weights + cache + scratch
-        row = run_cuda(preset, be, bw, args.ab)
+        row = run_cuda(preset, be, bw, args.ab, args.slabs)
         row.update(load_s=load_s, load_peak_gib=load_peak, plan_gib=be.plan.total / GIB)
         rows.append(row)
         print(row, flush=True)
@@ -499,6 +520,9 @@ def main() -> None:
                 off = r[f"without_{feature}"]
                 lines.append(f"\n{r['model']} decode tok/s (graph / step): all fusions {r['graph_tps']:.0f} / "
                              f"{r['step_tps']:.0f}, without {feature} {off['graph_tps']:.0f} / {off['step_tps']:.0f}")
+        for sl, v in r.get("slabs", {}).items():
+            lines.append(f"\n{r['model']} decode tok/s (graph / step) with the one-token MoE's slabs {sl}: "
+                         f"{v['graph_tps']:.0f} / {v['step_tps']:.0f}")
     table = "\n".join(lines)
     save_results(args.out, rows, table)
     print("\n" + table)

@@ -406,6 +406,15 @@ def test_moe_pre_routed_slot_starts_on_routings_flag(ext):
         out = native.moe_w4a16(x, ids, w, ex, pre_id=E if flag is not None else -1, early=flag)
         return ids, w, out
 
+    # the two halves of the handshake: routing raises the flag, the pre-routed pair's CTAs clear it
+    x.copy_(torch.randn(1, H, generator=g, device="cuda"))
+    ids, w = native.route_topk(x, routers, mod, fus, k, 0, True, 1.0, extra_id=E, early=early)
+    torch.cuda.synchronize()
+    assert early.tolist() == [1, 0], "routing must set the flag once its input is settled"
+    native.moe_w4a16(x, ids, w, ex, pre_id=E, early=early)
+    torch.cuda.synchronize()
+    assert early.tolist() == [0, 0], "the pre-routed pair's last CTA must clear the flag and its count"
+
     for _ in range(3):
         x.copy_(torch.randn(1, H, generator=g, device="cuda"))
         ids, w, out = step(early)

@@ -43,6 +43,7 @@ subtracted before scaling), so a checkpoint holding such groups says so in confi
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -80,10 +81,18 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     if q.dtype != torch.int8:
         raise ValueError(f"pack_int32 needs int8 values, got {q.dtype}")
     off = 1 << (bits - 1)
-    u = q.to(torch.int64) + off  # [..., n] in [0, 2^bits)
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
+    if q.numel() and (int(q.min()) < -off or int(q.max()) >= off):
         raise ValueError(f"values outside the int{bits} range [{-off}, {off - 1}] cannot be packed")
     n = q.shape[-1]
+    if sys.byteorder == "little":
+        # the words' little-endian bytes directly: int8 u is a byte, int4 two nibbles (element 2j low)
+        u = F.pad((q + off).view(torch.uint8), (0, (-n) % per))  # q + off wraps to u in [0, 2^bits)
+        if bits == 4:
+            u = u.unflatten(-1, (-1, 2))
+            u = u[..., 0] | (u[..., 1] << 4)
+        # (through a flat view: a size-1 dim may carry any stride, which a dtype view refuses)
+        return u.contiguous().reshape(-1).view(torch.int32).view(*u.shape[:-1], u.shape[-1] // 4)
+    u = q.to(torch.int64) + off  # [..., n] in [0, 2^bits)
     u = F.pad(u, (0, (-n) % per))  # padded slots hold u = 0, as compressed-tensors pads
     u = u.unflatten(-1, (-1, per))  # [..., W, per]
     shifts = torch.arange(per, dtype=torch.int64, device=q.device) * bits  # element k of a word -> bits [k*b, k*b+b)

@@ -99,12 +99,25 @@ def _per_input(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     return t.repeat_interleave(group, dim=1)[:, :k]
 
 
+def _grouped(t: torch.Tensor, k: int, group: int) -> torch.Tensor | None:
+    """[out, k] viewed [out, G, group] when the groups tile k and t is contiguous (else None: the callers
+    then expand per input with `_per_input`)."""
+    return t.view(t.shape[0], k // group, group) if k % group == 0 and t.is_contiguous() else None
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s: Scheme) -> torch.Tensor:
     """w [out, in] -> q [out, in] int8 on the grid given by scale / zero [out, G]."""
-    g = s.group_size(w.shape[1])
-    x = w / _per_input(scale, w.shape[1], g)
+    k = w.shape[1]
+    g = s.group_size(k)
+    wg = _grouped(w, k, g)
+    if wg is not None:  # the same elementwise ops, by broadcasting rather than [out, in] copies of scale / zero
+        x = wg / scale[:, :, None]
+        if zero is not None:
+            x = x + zero[:, :, None]
+        return torch.round(x).clamp_(s.qmin, s.qmax).to(torch.int8).view(w.shape)
+    x = w / _per_input(scale, k, g)
     if zero is not None:
-        x = x + _per_input(zero, w.shape[1], g)
+        x = x + _per_input(zero, k, g)
     return torch.round(x).clamp(s.qmin, s.qmax).to(torch.int8)
 
 
@@ -120,6 +133,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
         assert k % scale.shape[1] == 0, f"{scale.shape[1]} groups do not tile {k} inputs: pass the group size"
         group = k // scale.shape[1]
     x = q.float()
+    xg = _grouped(x, k, group)
+    if xg is not None:  # the same elementwise ops, broadcast per group
+        if zero is not None:
+            xg = xg - zero.float()[:, :, None]
+        xg = xg * scale.float()[:, :, None]
+        if minimum is not None:
+            xg = xg + minimum.float()[:, :, None]
+        return xg.reshape(q.shape)
     if zero is not None:
         x = x - _per_input(zero, k, group).float()
     x = x * _per_input(scale, k, group).float()

@@ -121,16 +121,19 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
 
 
 def write_random(raw: dict, out: str | Path, ids: str = "tiny", seed: int = 0, force: bool = False,
-                 shard_bytes: int = 2 * 2**30, progress: Callable[[str, int, int], None] | None = None) -> Path:
+                 shard_bytes: int = 2 * 2**30, progress: Callable[[str, int, int], None] | None = None,
+                 tensor: Callable[[str, tuple[int, ...], torch.dtype, torch.Generator], torch.Tensor] = random_tensor
+                 ) -> Path:
     """Random weights for any config dict (tests use custom sizes); `ids` picks the special-token
-    layout of the tokenizer: "tiny" (ids 1000+) or "lite" (Qwen's ids)."""
+    layout of the tokenizer: "tiny" (ids 1000+) or "lite" (Qwen's ids). `tensor(name, shape, dtype,
+    generator)` makes each weight (random_tensor: the usual initializers)."""
     cfg = M3Config.from_dict(raw)
     shapes = expected_tensors(cfg)
     gen = torch.Generator().manual_seed(seed)
     files = side_files(raw, ids)
     with CheckpointWriter(out, shard_bytes=shard_bytes, overwrite=force) as w:
         for i, (name, shape) in enumerate(shapes.items()):
-            w.add(name, random_tensor(name, shape, cfg.dtype, gen))
+            w.add(name, tensor(name, shape, cfg.dtype, gen))
             if progress:
                 progress(name, i + 1, len(shapes))
         return w.finish(raw, files)

@@ -350,6 +350,7 @@ class NativeMoE(MoE):
         # the benchmark's A/B
         self._early: torch.Tensor | None = None
         self.shared_early = True
+        self.slabs = (0, 0)  # the one-token pair's slabs per CTA (gate+up, down); 0 = the plan's (benchmark sweeps)
 
     def prepare(self) -> None:
         """Stack the routers once the weights are in, for whichever routing runs (the kernel on a GPU
@@ -390,8 +391,9 @@ class NativeMoE(MoE):
             y = native.moe_w4a16(xt, ids, w, self.native) + self.shared_experts(xt)
             return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
         res = None if residual is None else residual.reshape(-1, H).contiguous()
+        ns = self.slabs if xt.shape[0] == 1 else (0, 0)
         return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw, pre_id=shared if early is not None else -1,
-                                early=early).view(B, S, H)
+                                early=early, ns_gu=ns[0], ns_dn=ns[1]).view(B, S, H)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
         logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]
