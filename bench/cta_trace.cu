@@ -148,7 +148,10 @@ static void gemm_case(const char* name, const char* out_dir, int K, int N, int n
 
 // the fused MoE at one token, M3-Lite experts (E = 48, H = 4096, I = 1536, g128), `slots` pairs, six
 // routings in turn (distinct experts each), with the gate+up RMSNorm as the runtime calls it
-static void moe_case(const char* name, const char* out_dir, int slots, int ns_gu, int ns_dn, cudaStream_t s) {
+// pre: the last slot pre-routed (the runtime's shared expert, m3e_moe_args.pre_routed; no routing kernel
+// here, so no early flag: its CTAs only run first)
+static void moe_case(const char* name, const char* out_dir, int slots, int ns_gu, int ns_dn, cudaStream_t s,
+                     bool pre = false) {
   const int E = 48, H = 4096, I = 1536, n_sets = 6;
   m3e_moe_plan_t plan;
   OK(m3e_moe_plan(1, slots, E, H, I, 128, 0, ns_gu, ns_dn, 0, &plan));
@@ -183,6 +186,7 @@ static void moe_case(const char* name, const char* out_dir, int slots, int ns_gu
     a.out = out, a.inter = inter, a.rows = rows, a.tiles = tiles, a.slots = sl, a.counters = cnt;
     a.T = 1, a.topk = slots, a.E = E, a.H = H, a.I = I, a.group = 128, a.act_bf16 = 1, a.scale_bf16 = 1;
     a.weights_f32 = 1, a.ns_gu = ns_gu, a.ns_dn = ns_dn, a.norm_w = nw, a.norm_eps = 1e-5f;
+    a.pre_routed = pre, a.pre_id = E - 1;
     OK(m3e_moe_w4a16(&a, s));
   }, s);
   printf("  plan: ns_gu %d, ns_dn %d\n", plan.ns_gu, plan.ns_dn);
@@ -200,6 +204,7 @@ int main(int argc, char** argv) {
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   moe_case("moe9", out_dir, 9, 0, 0, s);
+  moe_case("moe9_pre", out_dir, 9, 0, 0, s, true);
   moe_case("moe8", out_dir, 8, 0, 0, s);
   moe_case("moe9_8_8", out_dir, 9, 8, 8, s);
   gemm_case("gemm_4096x14336", out_dir, 4096, 14336, 5, sms, s);

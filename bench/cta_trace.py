@@ -1,13 +1,14 @@
 """Summary of the CTA timelines that bench/cta_trace.cu writes (trace_<case>.csv, one line per CTA).
 
-    python3 bench/cta_trace.py DIR [--timeline CASE]
+    python3 bench/cta_trace.py DIR [--timeline CASE] [--pairs CASE]
 
 Per case: the calls of the traced replay (a CTA's call is the k-th time its (launch, block) starts),
 the period from one call's first CTA to the next one's, and per launch (epi 0 GEMM, 1 gate+up, 2 down)
 the median of each CTA phase: waiting (entry to its wait done), prologue (to the K loop), K loop,
 epilogue (stores), and how many CTAs were resident. --timeline CASE prints one middle call in 1-us
 bins: CTAs resident, CTAs in their K loop, and the weight bytes their K loops stream (each CTA's bytes
-spread evenly over its loop), as GB/s.
+spread evenly over its loop), as GB/s. --pairs CASE prints a one-token MoE call per pair: when each
+pair's gate+up CTAs end and its down CTAs wait, stream and end.
 """
 
 from __future__ import annotations
@@ -84,10 +85,32 @@ def timeline(rows: list[dict], nbytes: dict[int, float]) -> None:
         b += 1
 
 
+def pairs(rows: list[dict]) -> None:
+    """One middle call of a one-token MoE case, per CTA row (blockIdx.y: a pair, in dispatch order):
+    gate+up's first entry and last exit, then down's first entry and the medians of its CTAs' wait
+    done, K loop start and end, and its last exit, in us from the call's first entry."""
+    calls = sorted({r["call"] for r in rows})
+    c = calls[len(calls) // 2]
+    rs = [r for r in rows if r["call"] == c]
+    t0 = min(r["t_entry"] for r in rs)
+    print(f"call {c}, per CTA row (us from its first entry): gate+up first entry / last exit | down first entry, "
+          "median wait done / loop start / loop end, last exit")
+    for y in sorted({r["by"] for r in rs}):
+        gu = [r for r in rs if r["epi"] == 1 and r["by"] == y]
+        dn = [r for r in rs if r["epi"] == 2 and r["by"] == y]
+        if not gu or not dn:
+            continue
+        print(f"{y:3d} | {min(r['t_entry'] for r in gu) - t0:6.1f} {max(r['t_exit'] for r in gu) - t0:6.1f} | "
+              f"{min(r['t_entry'] for r in dn) - t0:6.1f} {median(r['t_wait'] for r in dn) - t0:6.1f} "
+              f"{median(r['t_loop'] for r in dn) - t0:6.1f} {median(r['t_loop_end'] for r in dn) - t0:6.1f} "
+              f"{max(r['t_exit'] for r in dn) - t0:6.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--timeline", action="append", default=[], help="a case to print in 1-us bins (repeatable)")
+    ap.add_argument("--pairs", action="append", default=[], help="a one-token MoE case to print per pair (repeatable)")
     args = ap.parse_args()
     cases = {p.stem[len("trace_"):]: load(p) for p in sorted(args.dir.glob("trace_*.csv"))}
     for name, rows in cases.items():
@@ -107,6 +130,8 @@ def main() -> None:
             k, n = (int(v) for v in name.split("_")[1].split("x"))
             per = {0: (k * n / 2 + k * n / 64) / n_ctas[0]}
         timeline(rows, per)
+    for name in args.pairs:
+        pairs(cases[name])
 
 
 if __name__ == "__main__":
