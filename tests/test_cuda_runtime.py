@@ -723,3 +723,25 @@ def test_w8linear_matches_the_int8_matmul():
         out = w8(x)
         assert out.dtype == torch.float32
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.gpu
+def test_failed_moe_call_clears_the_shared_experts_flag(tmp_path):
+    """At one token routing raises the flag the shared expert's gate+up starts on; if the MoE call
+    after it fails, the flag is cleared, so the next call's shared pair still waits for its input."""
+    from m3edge.runtime.cuda import CudaBackend, NativeMoE
+
+    be = CudaBackend(_small_m3(tmp_path), max_context=64)
+    moe = be.model.layers[0].mlp
+    assert isinstance(moe, NativeMoE) and moe._early is not None
+    dt, H = be.dtype, be.cfg.hidden_size
+    x = torch.randn(1, 1, H, device="cuda").to(dt)
+    mod, fus = torch.zeros(1, 1, dtype=torch.int64, device="cuda"), torch.ones(1, 1, dtype=torch.bool, device="cuda")
+    ref = moe(x, mod, fus)
+    moe.slabs = (3, 3)  # refused by the kernel's checks, after routing ran
+    with pytest.raises(ValueError, match="ns_gu must be"):
+        moe(x, mod, fus)
+    torch.cuda.synchronize()
+    assert moe._early.tolist() == [0, 0]
+    moe.slabs = (0, 0)
+    assert torch.equal(moe(x, mod, fus), ref) and moe._early.tolist() == [0, 0]

@@ -392,8 +392,14 @@ class NativeMoE(MoE):
             return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
         res = None if residual is None else residual.reshape(-1, H).contiguous()
         ns = self.slabs if xt.shape[0] == 1 else (0, 0)
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw, pre_id=shared if early is not None else -1,
-                                early=early, ns_gu=ns[0], ns_dn=ns[1]).view(B, S, H)
+        try:
+            out = native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw,
+                                   pre_id=shared if early is not None else -1, early=early, ns_gu=ns[0], ns_dn=ns[1])
+        except Exception:
+            if early is not None:  # routing has raised the flag (in stream order): the next call must not see it
+                early.zero_()
+            raise
+        return out.view(B, S, H)
 
     def route(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor):
         logits = torch.einsum("th,reh->rte", x.float(), self._w)  # [R, T, E]
