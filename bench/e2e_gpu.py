@@ -191,6 +191,21 @@ def set_feature(be: CudaBackend, name: str, on: bool) -> None:
             a.qkv.norm_at_one = on and a.qkv._norm_at_one
 
 
+def set_slabs(be: CudaBackend, gu: int, dn: int) -> None:
+    """The one-token MoE pair's slabs per CTA (gate+up, down) in every layer; 0 = the plan's."""
+    for layer in be.model.layers:
+        if hasattr(layer.mlp, "slabs"):
+            layer.mlp.slabs = (gu, dn)
+
+
+def slabs_arg(v: str) -> str:
+    """--slabs GU/DN, refused here rather than after the model has loaded."""
+    gu, _, dn = v.partition("/")
+    if not (gu in ("0", "2", "4", "8", "16") and dn in ("0", "1", "2", "4", "8", "16")):
+        raise argparse.ArgumentTypeError(f"{v!r}: GU/DN with GU in 0, 2, 4, 8, 16 and DN in 0, 1, 2, 4, 8, 16")
+    return v
+
+
 def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = (), slabs: list[str] = ()) -> dict:
     cfg = be.cfg
     cache = be.new_cache()
@@ -211,17 +226,13 @@ def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = (), slabs: l
         cache.graphs.clear()
         row[f"without_{feature}"] = {"graph_tps": 1e6 / off_us, "step_tps": off_step}
     for sl in slabs:  # the one-token MoE pair with forced slabs per CTA "GU/DN" (0 = the plan's)
-        gu, dn = (int(v) for v in sl.split("/"))
-        for layer in be.model.layers:
-            if hasattr(layer.mlp, "slabs"):
-                layer.mlp.slabs = (gu, dn)
+        set_slabs(be, *(int(v) for v in sl.split("/")))
         cache.graphs.clear()
         sl_step, sl_us, logits, pos = decode_rate(be, cache, logits, pos)
         row.setdefault("slabs", {})[sl] = {"graph_tps": 1e6 / sl_us, "step_tps": sl_step}
-    for layer in be.model.layers:
-        if hasattr(layer.mlp, "slabs"):
-            layer.mlp.slabs = (0, 0)
-    cache.graphs.clear()
+    if slabs:
+        set_slabs(be, 0, 0)
+        cache.graphs.clear()
     if cfg.vision_config is not None:
         mp, frontend_s = media_prompt(cfg)
         tt = []
@@ -440,13 +451,7 @@ def main() -> None:
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
                          "norm and attention's residual add in their own launch, early = the shared expert's "
                          "gate+up after routing instead of during it")
-    def slabs(v: str) -> str:
-        gu, _, dn = v.partition("/")
-        if not (gu in ("0", "2", "4", "8", "16") and dn in ("0", "1", "2", "4", "8", "16")):
-            raise argparse.ArgumentTypeError(f"{v!r}: GU/DN with GU in 0, 2, 4, 8, 16 and DN in 0, 1, 2, 4, 8, 16")
-        return v
-
-    ap.add_argument("--slabs", nargs="*", default=[], metavar="GU/DN", type=slabs,
+    ap.add_argument("--slabs", nargs="*", default=[], metavar="GU/DN", type=slabs_arg,
                     help="also time decode with the one-token MoE pair's slabs per CTA forced (gate+up / down, e.g. "
                          "8/8; 0 = the plan's)")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")

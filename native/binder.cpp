@@ -51,6 +51,9 @@ bool is_half(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
+// The MoE's early flag and its readers' count (m3e_moe_args.early, m3e_route_args.early): int32 [2].
+bool is_flag_pair(const at::Tensor& t) { return t.dim() == 1 && t.size(0) == 2 && t.scalar_type() == at::kInt; }
+
 #define CHECK_ARG(cond, ...) \
   if (!(cond)) return cat("value: w4a16_gemm: ", __VA_ARGS__)
 #define CHECK_MOE(cond, ...) \
@@ -293,7 +296,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   CHECK_MOE(pre_id < 0 || (x.size(0) == 1 && mma_rows <= 0 && pre_id < w_gu.size(0)),
             "pre_id (the last slot's expert, known before routing) takes one token on the decode kernel and an id "
             "below E = ", w_gu.size(0), ", got x ", desc(x), ", mma_rows ", mma_rows, ", pre_id ", pre_id);
-  CHECK_MOE(!early || (pre_id >= 0 && early->dim() == 1 && early->size(0) == 2 && early->scalar_type() == at::kInt),
+  CHECK_MOE(!early || (pre_id >= 0 && is_flag_pair(*early)),
             "early needs pre_id and must be int32 [2] (zero before the first call), got ",
             early ? desc(*early) : std::string());
   CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
@@ -417,7 +420,7 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   std::vector<std::pair<const char*, const at::Tensor*>> all = {
       {"x", &x}, {"routers", &routers}, {"modality", &modality}, {"fusion_ok", &fusion_ok}, {"ids", &ids},
       {"weights", &weights}};
-  CHECK_OP("route_topk", !early || (early->dim() == 1 && early->size(0) == 2 && early->scalar_type() == at::kInt),
+  CHECK_OP("route_topk", !early || is_flag_pair(*early),
            "early must be int32 [2], got ", early ? desc(*early) : std::string());
   if (norm_w) all.push_back({"norm_w", &*norm_w});
   if (early) all.push_back({"early", &*early});

@@ -138,6 +138,17 @@ static inline void decode_layout(Params& p, const DecodeSmem& L, int ns, int cps
   p.sm_nw = L.ring > L.nw ? L.nw : 0;
 }
 
+// One thread of a CTA: wait until *count reaches target (another launch's CTAs raise it after their
+// stores), then count this CTA among the n that read it; the last of them zeroes both for the next call
+// (nothing raises count again before all n have read it).
+__device__ __forceinline__ void await_count(int* count, int target, int* readers, int n) {
+  while (ld_acquire(count) < target) __nanosleep(32);
+  if (atomicAdd(readers, 1) == n - 1) {
+    *count = 0;
+    *readers = 0;
+  }
+}
+
 // BF16: activation dtype. AFFINE: w = u s + m with u = q + 8 in [0, 15]: the float-minimum form, and
 // the zero-point form with m = -s (z + 8); m sum_k x is added per scale unit from the same sums of x
 // that correct the A fragment. 2 CTAs per SM: 64 registers.
@@ -183,13 +194,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       // the pre-routed pair reads only x (the launch before routing wrote it) and its own weights:
       // wait for routing's flag that x is settled, not for routing; the pair's last CTA past here
       // clears the flag and the count for the next call (the next routing runs after this launch)
-      if (tid == 0) {
-        while (ld_acquire(p.moe_early) == 0) __nanosleep(32);
-        if (atomicAdd(p.moe_early + 1, 1) == (int)gridDim.x - 1) {
-          p.moe_early[0] = 0;
-          p.moe_early[1] = 0;
-        }
-      }
+      if (tid == 0) await_count(p.moe_early, 1, p.moe_early + 1, gridDim.x);
       __syncthreads();
     } else {
       // launched dependent on the grouping or routing (sm_90): its tiles or ids are read next; once
@@ -314,13 +319,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       // its own wait before any down CTA starts (the dependent launch), so what it read is settled,
       // and down's last store to out needs every pair here: gate+up has read x by then. The pair's
       // last reader zeroes both counts for the next call.
-      if (tid == 0) {
-        while (ld_acquire(p.moe_ready + row0) < p.moe_ready_target) __nanosleep(32);
-        if (atomicAdd(p.moe_ready + p.topk + row0, 1) == ntiles - 1) {
-          p.moe_ready[row0] = 0;
-          p.moe_ready[p.topk + row0] = 0;
-        }
-      }
+      if (tid == 0) await_count(p.moe_ready + row0, p.moe_ready_target, p.moe_ready + p.topk + row0, ntiles);
       __syncthreads();
     } else {
       pdl_wait();
