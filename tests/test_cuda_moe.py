@@ -447,3 +447,58 @@ def test_moe_pre_routed_slot_starts_on_routings_flag(ext, n_flags):
         native.moe_w4a16(x.expand(2, H).contiguous(), ids, w, ex, pre_id=E)
     with pytest.raises(ValueError, match=r"early needs pre_id and must be int32 \[2\] or \[4\]"):
         native.moe_w4a16(x, ids[:1], w[:1], ex, early=early)
+
+
+@gpu
+@needs_cuda
+def test_launch_handshakes_give_the_plain_calls_results(ext):
+    """One token's launches linked by handshakes (native.Sync: each waits for the launch before to
+    arrive once its output is stored, not for its grid to complete): a split-K GEMM into a GEMM, that
+    GEMM into routing, the fused MoE's down into a GEMM. Bit for bit the unlinked calls' results,
+    eagerly and over graph replays; every handshake is left zero; misuse is refused in one sentence."""
+    act, E, H, I, k = torch.bfloat16, 8, 512, 256, 3
+    _, _, ex, _, _, _ = _case(E + 1, H, I, 128, "sym", act, T=1, k=1)
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    scheme = Scheme(4, 128, True)
+    w_in = native.repack(_linear(128, 4096, scheme, act, g), scheme)  # M = 1: split K (the plan's)
+    w_a = native.repack(_linear(H, 128, scheme, act, g), scheme)
+    w_b = native.repack(_linear(H, H, scheme, act, g), scheme)
+    routers = (0.05 * torch.randn(1, E, H, generator=g, device="cuda")).to(act)
+    mod, fus = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.ones(1, dtype=torch.bool, device="cuda")
+    x = torch.empty(1, 4096, device="cuda", dtype=act)
+    assert native.load().w4a16_plan(1, 128, 4096, 0, torch.cuda.get_device_properties(0).multi_processor_count,
+                                    0, 128, False)[1] > 1, "the first GEMM should split K"
+    s = torch.zeros(3, 4, dtype=torch.int32, device="cuda")
+
+    def chain(linked):
+        s0, s1, s2 = s.unbind(0) if linked else (None, None, None)
+        y = native.w4a16_gemm(x, w_in, sync=(None, s0))
+        h = native.w4a16_gemm(y, w_a, sync=(s0, s1))
+        ids, w = native.route_topk(h, routers, mod, fus, k, 0, True, 1.0, extra_id=E, sync_wait=s1)
+        m = native.moe_w4a16(h, ids, w, ex, residual=h, sync_arrive=s2)
+        return ids, w, m, native.w4a16_gemm(m, w_b, sync=(s2, None))
+
+    for _ in range(3):
+        x.copy_(torch.randn(1, 4096, generator=g, device="cuda"))
+        got, ref = chain(True), chain(False)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), "a handshake changed a result"
+        assert not s.any(), "the handshakes must be left zero"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gout = chain(True)
+    for _ in range(3):
+        x.copy_(torch.randn(1, 4096, generator=g, device="cuda"))
+        graph.replay()
+        ref = chain(False)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(gout, ref)) and not s.any()
+
+    with pytest.raises(ValueError, match=r"sync_wait / sync_arrive must be int32 \[4\]"):
+        native.w4a16_gemm(x, w_in, sync=(None, s[:, :2].contiguous()))
+    with pytest.raises(ValueError, match=r"sync_wait takes one token"):
+        native.route_topk(x.expand(2, 4096)[:, :H].contiguous(), routers, mod.expand(2).contiguous(),
+                          fus.expand(2).contiguous(), k, 0, True, 1.0, sync_wait=s[0])
+    with pytest.raises(ValueError, match=r"sync_arrive takes one token on the decode kernel"):
+        native.moe_w4a16(x[:, :H].expand(2, H).contiguous(), torch.zeros(2, 1, dtype=torch.int32, device="cuda"),
+                         torch.ones(2, 1, device="cuda"), ex, sync_arrive=s[0])
