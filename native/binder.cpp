@@ -57,12 +57,6 @@ bool is_flag_pair(const at::Tensor& t) {
   return t.dim() == 1 && (t.size(0) == 2 || t.size(0) == 4) && t.scalar_type() == at::kInt;
 }
 
-// A launch-to-launch handshake (m3e_api.cuh sync_wait / sync_arrive): int32 [4], zero before first use.
-bool is_sync(const c10::optional<at::Tensor>& t) {
-  return !t || (t->dim() == 1 && t->size(0) == 4 && t->scalar_type() == at::kInt);
-}
-int* sync_ptr(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<int>() : nullptr; }
-
 #define CHECK_ARG(cond, ...) \
   if (!(cond)) return cat("value: w4a16_gemm: ", __VA_ARGS__)
 #define CHECK_MOE(cond, ...) \
@@ -115,8 +109,7 @@ void ensure_workspace(int dev, size_t floats, int counters, const at::TensorOpti
 std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& zeros, at::Tensor& out,
                 int64_t group, int64_t splits, int64_t n_tile, const c10::optional<at::Tensor>& norm_w,
-                double norm_eps, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& w_lo,
-                const c10::optional<at::Tensor>& sync_wait, const c10::optional<at::Tensor>& sync_arrive) {
+                double norm_eps, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& w_lo) {
   CHECK_ARG(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [M, K], got ", desc(x));
   const int64_t M = x.size(0), K = x.size(1);
   CHECK_ARG(M >= 1, "x [M, K] needs M >= 1, got ", desc(x));
@@ -163,16 +156,12 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                           out.scalar_type() == x.scalar_type()),
             "residual must be [", M, ", ", N, "] of x's dtype with an out of x's dtype, got residual ",
             desc(*residual), ", out ", desc(out));
-  CHECK_ARG(is_sync(sync_wait) && is_sync(sync_arrive), "sync_wait / sync_arrive must be int32 [4], got ",
-            sync_wait ? desc(*sync_wait) : std::string("-"), " / ", sync_arrive ? desc(*sync_arrive) : std::string("-"));
   std::vector<std::pair<const char*, const at::Tensor*>> all = {{"x", &x}, {"w", &w}, {"scales", &scales}, {"out", &out}};
   if (mins) all.push_back({"mins", &*mins});
   if (zeros) all.push_back({"zeros", &*zeros});
   if (norm_w) all.push_back({"norm_w", &*norm_w});
   if (residual) all.push_back({"residual", &*residual});
   if (w_lo) all.push_back({"w_lo", &*w_lo});
-  if (sync_wait) all.push_back({"sync_wait", &*sync_wait});
-  if (sync_arrive) all.push_back({"sync_arrive", &*sync_arrive});
   if (auto e = check_all("w4a16_gemm", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: w4a16_gemm: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -192,8 +181,6 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             " slices");
   CHECK_ARG(!w_lo || plan.n_tile != 128, "an int8 weight in one pass (w_lo) needs the decode kernel (M <= 8, ",
             "M K <= 16384), and the plan for x ", desc(x), ", w ", desc(w), " is the tile kernel");
-  CHECK_ARG((!sync_wait && !sync_arrive) || plan.n_tile != 128, "sync_wait / sync_arrive need the decode kernel ",
-            "(M <= 8, M K <= 16384), and the plan for x ", desc(x), ", w ", desc(w), " is the tile kernel");
   ensure_workspace(dev, plan.workspace_floats, plan.n_counters, x.options());
   m3e_w4a16_args a;
   a.x = x.data_ptr();
@@ -218,8 +205,6 @@ std::string w4a16_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   a.norm_eps = (float)norm_eps;
   a.residual = residual ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   a.w_lo = w_lo ? reinterpret_cast<const uint32_t*>(w_lo->data_ptr()) : nullptr;
-  a.sync_wait = sync_ptr(sync_wait);
-  a.sync_arrive = sync_ptr(sync_arrive);
   rc = m3e_w4a16_gemm(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "w4a16_gemm(x ", desc(x), ", w ", desc(w), ", group ",
@@ -251,8 +236,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
                       const c10::optional<at::Tensor>& mn_dn, const c10::optional<at::Tensor>& zp_dn, at::Tensor& out,
                       int64_t group, int64_t ns_gu, int64_t ns_dn, int64_t mma_rows,
                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& norm_w,
-                      double norm_eps, int64_t pre_id, const c10::optional<at::Tensor>& early,
-                      const c10::optional<at::Tensor>& sync_arrive) {
+                      double norm_eps, int64_t pre_id, const c10::optional<at::Tensor>& early) {
   CHECK_MOE(x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ", desc(x));
   const int64_t T = x.size(0), H = x.size(1);
   CHECK_MOE(T >= 1 && H % 64 == 0 && H > 0, "x [T, H] needs T >= 1 and H a multiple of 64, got ", desc(x));
@@ -333,11 +317,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   if (zp_gu) all.insert(all.end(), {{"gate_up.zeros", &*zp_gu}, {"down.zeros", &*zp_dn}});
   if (residual) all.push_back({"residual", &*residual});
   if (norm_w) all.push_back({"norm_w", &*norm_w});
-  CHECK_MOE(!sync_arrive || (is_sync(sync_arrive) && x.size(0) == 1 && mma_rows <= 0),
-            "sync_arrive takes one token on the decode kernel and must be int32 [4], got x ", desc(x), ", mma_rows ",
-            mma_rows, ", sync_arrive ", sync_arrive ? desc(*sync_arrive) : std::string());
   if (early) all.push_back({"early", &*early});
-  if (sync_arrive) all.push_back({"sync_arrive", &*sync_arrive});
   if (auto e = check_all("moe_w4a16", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: moe_w4a16: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -396,7 +376,6 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   a.pre_id = (int)pre_id;
   a.early = early ? early->data_ptr<int>() : nullptr;
   a.early_ids = early && early->size(0) == 4;
-  a.sync_arrive = sync_ptr(sync_arrive);
   rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
@@ -419,8 +398,7 @@ std::string run_status(const char* op, int rc) {
 std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at::Tensor& modality,
                        const at::Tensor& fusion_ok, at::Tensor& ids, at::Tensor& weights, int64_t k, int64_t n_fusion,
                        bool norm_topk, int64_t extra_id, double scale, const c10::optional<at::Tensor>& norm_w,
-                       double norm_eps, const c10::optional<at::Tensor>& early,
-                       const c10::optional<at::Tensor>& sync_wait) {
+                       double norm_eps, const c10::optional<at::Tensor>& early) {
   CHECK_OP("route_topk", x.dim() == 2 && is_half(x), "x must be a 2-D float16 or bfloat16 tensor [T, H], got ",
            desc(x));
   const int64_t T = x.size(0), H = x.size(1);
@@ -449,11 +427,7 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   CHECK_OP("route_topk", !early || is_flag_pair(*early),
            "early must be int32 [2] or [4], got ", early ? desc(*early) : std::string());
   if (norm_w) all.push_back({"norm_w", &*norm_w});
-  CHECK_OP("route_topk", !sync_wait || (is_sync(sync_wait) && T == 1),
-           "sync_wait takes one token and must be int32 [4], got x ", desc(x), ", sync_wait ",
-           sync_wait ? desc(*sync_wait) : std::string());
   if (early) all.push_back({"early", &*early});
-  if (sync_wait) all.push_back({"sync_wait", &*sync_wait});
   if (auto e = check_all("route_topk", all); !e.empty()) return e;
 #ifdef M3E_NO_CUDA
   return "cuda: route_topk: this build of the binder has no CUDA kernels (built with M3E_NO_CUDA)";
@@ -490,7 +464,6 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   a.norm_eps = (float)norm_eps;
   a.early = early ? early->data_ptr<int>() : nullptr;
   a.early_ids = early && early->size(0) == 4;
-  a.sync_wait = sync_ptr(sync_wait);
   return run_status("route_topk", m3e_route(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
 }
@@ -600,8 +573,7 @@ std::string attn_decode(const at::Tensor& qkv, const c10::optional<at::Tensor>& 
                         const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
                         at::Tensor& out, at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& pos,
                         int64_t pos0, int64_t keys, int64_t nh, int64_t nkv, double eps, at::Tensor& workspace,
-                        at::Tensor& counters, const c10::optional<at::Tensor>& sync_wait,
-                        const c10::optional<at::Tensor>& sync_arrive) {
+                        at::Tensor& counters) {
   const int64_t cap = k_cache.size(1);
   auto own = [&](int64_t T, int64_t D) -> std::string {
     CHECK_OP("attn_decode", T == 1, "one token (qkv [1, ...]), got ", desc(qkv));
@@ -618,10 +590,6 @@ std::string attn_decode(const at::Tensor& qkv, const c10::optional<at::Tensor>& 
              "workspace must be float32 of >= ", nh * M3E_ATTN_MAX_SPLITS * (D + 2), " elements, got ", desc(workspace));
     CHECK_OP("attn_decode", counters.scalar_type() == at::kInt && counters.numel() >= nkv,
              "counters must be int32 of >= ", nkv, " elements, got ", desc(counters));
-    CHECK_OP("attn_decode", is_sync(sync_wait) && is_sync(sync_arrive), "sync_wait / sync_arrive must be int32 [4]");
-    CHECK_OP("attn_decode", (!sync_wait || sync_wait->device() == qkv.device()) &&
-                                (!sync_arrive || sync_arrive->device() == qkv.device()),
-             "sync_wait / sync_arrive must be on qkv's device ", qkv.device().str());
     return "";
   };
   if (auto e = check_qkv_epilogue("attn_decode", qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, pos0, nh, nkv,
@@ -638,8 +606,6 @@ std::string attn_decode(const at::Tensor& qkv, const c10::optional<at::Tensor>& 
   a.workspace = workspace.data_ptr<float>();
   a.counters = counters.data_ptr<int>();
   a.keys = (int)keys;
-  a.sync_wait = sync_ptr(sync_wait);
-  a.sync_arrive = sync_ptr(sync_arrive);
   if (int rc = m3e_attn_plan(a.keys, a.D, &a.splits, &a.chunk); rc != M3E_OK) return run_status("attn_decode", rc);
   return run_status("attn_decode", m3e_attn_decode(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
@@ -707,8 +673,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "returns an error message or ''",
         py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("mins"), py::arg("zeros"), py::arg("out"),
         py::arg("group"), py::arg("splits") = 0, py::arg("n_tile") = 0, py::arg("norm_w") = py::none(),
-        py::arg("norm_eps") = 1e-6, py::arg("residual") = py::none(), py::arg("w_lo") = py::none(),
-        py::arg("sync_wait") = py::none(), py::arg("sync_arrive") = py::none());
+        py::arg("norm_eps") = 1e-6, py::arg("residual") = py::none(), py::arg("w_lo") = py::none());
   m.def("w4a16_plan", &w4a16_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits") = 0,
         py::arg("sms") = 132, py::arg("n_tile") = 0, py::arg("group") = 128, py::arg("affine") = false);
   m.def("moe_w4a16", &moe_w4a16,
@@ -718,15 +683,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mn_gu"), py::arg("zp_gu"), py::arg("w_dn"), py::arg("s_dn"), py::arg("mn_dn"), py::arg("zp_dn"),
         py::arg("out"), py::arg("group"), py::arg("ns_gu") = 0, py::arg("ns_dn") = 0, py::arg("mma_rows") = 0,
         py::arg("residual") = py::none(), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6,
-        py::arg("pre_id") = -1, py::arg("early") = py::none(), py::arg("sync_arrive") = py::none());
+        py::arg("pre_id") = -1, py::arg("early") = py::none());
   m.def("moe_plan", &moe_plan, py::arg("T"), py::arg("topk"), py::arg("E"), py::arg("H"), py::arg("I"),
         py::arg("group") = 128, py::arg("affine") = false, py::arg("ns_gu") = 0, py::arg("ns_dn") = 0,
         py::arg("mma_rows") = 0);
   m.def("route_topk", &route_topk, "MoE routing (native/cuda/decode_ops.cu); returns an error message or ''",
         py::arg("x"), py::arg("routers"), py::arg("modality"), py::arg("fusion_ok"), py::arg("ids"),
         py::arg("weights"), py::arg("k"), py::arg("n_fusion"), py::arg("norm_topk"), py::arg("extra_id"),
-        py::arg("scale"), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6, py::arg("early") = py::none(),
-        py::arg("sync_wait") = py::none());
+        py::arg("scale"), py::arg("norm_w") = py::none(), py::arg("norm_eps") = 1e-6, py::arg("early") = py::none());
   m.def("rmsnorm", &rmsnorm, "RMSNorm (native/cuda/decode_ops.cu); returns an error message or ''", py::arg("x"),
         py::arg("w"), py::arg("out"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_qkv", &rope_qkv, "q/k norm, RoPE, KV-cache write (native/cuda/decode_ops.cu); returns an error or ''",
@@ -737,8 +701,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch-1 decode attention with the q/k/v epilogue (native/cuda/decode_ops.cu); returns an error or ''",
         py::arg("qkv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("cos"), py::arg("sin"), py::arg("out"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pos0"), py::arg("keys"), py::arg("nh"),
-        py::arg("nkv"), py::arg("eps"), py::arg("workspace"), py::arg("counters"), py::arg("sync_wait") = py::none(),
-        py::arg("sync_arrive") = py::none());
+        py::arg("nkv"), py::arg("eps"), py::arg("workspace"), py::arg("counters"));
 #ifdef M3E_NO_CUDA
   m.attr("has_cuda") = false;
 #else

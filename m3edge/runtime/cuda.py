@@ -164,14 +164,13 @@ class W4Linear(nn.Module):
         self.norm_at_one = False  # build_model: whether one token's GEMM can run its input's RMSNorm
 
     def forward(self, x: torch.Tensor, norm: "FastRMSNorm | None" = None,
-                residual: torch.Tensor | None = None, sync: native.Sync = (None, None)) -> torch.Tensor:
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """With `norm` (one token, norm_at_one): y = norm(x) W^T (+ b), the norm in the GEMM's prologue.
-        With a `residual` (like y): residual + y, the add in the GEMM's epilogue when there is no bias.
-        sync: the GEMM's handshakes (native.Sync; one token, no bias)."""
+        With a `residual` (like y): residual + y, the add in the GEMM's epilogue when there is no bias."""
         nw = None if norm is None else (norm.weight, norm.eps)
         if residual is not None and self.bias is None:
-            return native.w4a16_gemm(x.contiguous(), self.wt, norm=nw, residual=residual.contiguous(), sync=sync)
-        y = native.w4a16_gemm(x.contiguous(), self.wt, norm=nw, sync=sync if self.bias is None else (None, None))
+            return native.w4a16_gemm(x.contiguous(), self.wt, norm=nw, residual=residual.contiguous())
+        y = native.w4a16_gemm(x.contiguous(), self.wt, norm=nw)
         y = y if self.bias is None else y + self.bias
         return y if residual is None else residual + y
 
@@ -276,18 +275,6 @@ class FastRMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-@dataclass
-class LayerSync:
-    """A decode layer's launch-to-launch handshakes (native.Sync: each launch waits for the one before it
-    to arrive once its output is stored, not for its grid to complete), rows of the backend's int32
-    [4, 4] (link_layers). None where the launch on one side is not in the chain."""
-    qkv_in: torch.Tensor | None    # the previous layer's MoE down -> this q/k/v GEMM
-    qkv_out: torch.Tensor          # q/k/v GEMM -> attention (the one-launch kernel only)
-    attn_out: torch.Tensor         # attention -> o GEMM
-    o_out: torch.Tensor | None     # o GEMM -> routing (a routed MoE)
-    down_out: torch.Tensor | None  # MoE down -> the next layer's q/k/v GEMM
-
-
 class FusedQKVAttention(Attention):
     """Attention whose q, k and v come from one int4 GEMM over their stacked rows."""
 
@@ -311,46 +298,38 @@ class FusedQKVAttention(Attention):
         """Whether a residual given to forward is added in the o GEMM's epilogue."""
         return isinstance(self.o_proj, W4Linear) and self.o_proj.bias is None
 
-    def forward(self, x, cos, sin, mask, cache, norm: FastRMSNorm | None = None, residual: torch.Tensor | None = None,
-                sync: LayerSync | None = None):
+    def forward(self, x, cos, sin, mask, cache, norm: FastRMSNorm | None = None, residual: torch.Tensor | None = None):
         """With the backend's cache: one token in one kernel (native.attn_decode: q/k norm, RoPE, cache
         write and attention), several through native.rope_qkv (the q/k/v epilogue, writing the cache)
         and SDPA; otherwise the reference's forward over `project`. With `norm` (one token, the qkv
         GEMM's norm_at_one), x is the layer's input before its norm, which runs in the GEMM; with a
-        `residual`, the output is residual + attention (in the o GEMM where fuses_residual). sync (one
-        token, a decode step's layer): the launches' handshakes (NativeLayer.forward)."""
+        `residual`, the output is residual + attention (in the o GEMM where fuses_residual)."""
         if not isinstance(cache, StaticKVCache) or self.hd % 32:
             a = super().forward(x if norm is None else norm(x), cos, sin, mask, cache)
             return a if residual is None else residual + a
         B, S, _ = x.shape
+        y = self.qkv(x, norm).view(S, -1)
+        kb, vb = cache.kbuf[self.layer, 0], cache.vbuf[self.layer, 0]  # [nkv, cap, D]
         graph = cache.graph_keys is not None
         keys = cache.graph_keys if graph else cache.n + S
-        kv_bytes = keys * self.nkv * self.hd * 2 * x.element_size()
-        kernel = S == 1 and self.attn_kernel and self.workspace is not None and kv_bytes <= ATTN_KERNEL_MAX_KV_BYTES
-        s_in = None if sync is None else sync.qkv_in
-        s_qkv = None if sync is None or not kernel else sync.qkv_out  # rope_qkv and SDPA take no handshake
-        y = self.qkv(x, norm, sync=(s_in, s_qkv)).view(S, -1)
-        kb, vb = cache.kbuf[self.layer, 0], cache.vbuf[self.layer, 0]  # [nkv, cap, D]
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else (None, None, 0.0)
         pos = cache.step.pos if graph else None
-        s_o = (None, None) if sync is None else (None, sync.o_out)
-        if kernel:
-            s_attn = None if sync is None else sync.attn_out
+        kv_bytes = keys * self.nkv * self.hd * 2 * x.element_size()
+        if S == 1 and self.attn_kernel and self.workspace is not None and kv_bytes <= ATTN_KERNEL_MAX_KV_BYTES:
             out = native.attn_decode(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), kb, vb,
-                                     pos, cache.n, keys, self.nh, self.nkv, norms[2], self.workspace,
-                                     sync=(s_qkv, s_attn))
-            return self._out(out.view(B, S, self.nh * self.hd), residual, (s_attn, s_o[1]))
+                                     pos, cache.n, keys, self.nh, self.nkv, norms[2], self.workspace)
+            return self._out(out.view(B, S, self.nh * self.hd), residual)
         q = torch.empty(self.nh, S, self.hd, dtype=x.dtype, device=x.device)
         native.rope_qkv(y, norms[0], norms[1], cos.reshape(S, self.hd), sin.reshape(S, self.hd), q, kb, vb,
                         pos, cache.n, self.nh, self.nkv, norms[2])
         out = F.scaled_dot_product_attention(q[None], kb[None, :, :keys], vb[None, :, :keys], attn_mask=mask,
                                              enable_gqa=self.nh != self.nkv)
-        return self._out(out.transpose(1, 2).reshape(B, S, self.nh * self.hd), residual, s_o)
+        return self._out(out.transpose(1, 2).reshape(B, S, self.nh * self.hd), residual)
 
-    def _out(self, y: torch.Tensor, residual: torch.Tensor | None, sync: native.Sync = (None, None)) -> torch.Tensor:
+    def _out(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is None:
             return self.o_proj(y)
-        return self.o_proj(y, residual=residual, sync=sync) if self.fuses_residual() else residual + self.o_proj(y)
+        return self.o_proj(y, residual=residual) if self.fuses_residual() else residual + self.o_proj(y)
 
 
 class NativeMoE(MoE):
@@ -390,13 +369,11 @@ class NativeMoE(MoE):
         return self._r is not None and self.shared_experts is None
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor,
-                residual: torch.Tensor | None = None, norm: FastRMSNorm | None = None,
-                sync: native.Sync = (None, None)) -> torch.Tensor:
+                residual: torch.Tensor | None = None, norm: FastRMSNorm | None = None) -> torch.Tensor:
         """On the GPU: routing (shared slot included) in one kernel, then the fused expert pair, which
         adds `residual` (the layer's residual stream, like x) to its output when given. With `norm`, x
         is the stream before the layer's second norm: at one token (fuses_norm) the routing and gate+up
-        kernels norm it themselves, else it is normed first. sync (one token, routing kernel and fused
-        pair): (routing's wait, down's arrival), native.Sync."""
+        kernels norm it themselves, else it is normed first."""
         B, S, H = x.shape
         if norm is not None and not (self.fuses_norm() and B * S == 1):
             x, norm = norm(x), None
@@ -412,7 +389,7 @@ class NativeMoE(MoE):
             early = self._early if self.routed_early else self._early[:2]
         ids, w = native.route_topk(xt, self._r, modality.reshape(-1).contiguous(), fusion_ok.reshape(-1).contiguous(),
                                    c.num_experts_per_tok, c.num_fusion_experts, c.norm_topk_prob,
-                                   c.routed_scaling_factor, shared, norm=nw, early=early, sync_wait=sync[0])
+                                   c.routed_scaling_factor, shared, norm=nw, early=early)
         if self.shared_experts is not None:
             y = native.moe_w4a16(xt, ids, w, self.native) + self.shared_experts(xt)
             return (y if residual is None else residual.reshape(-1, H) + y).view(B, S, H)
@@ -420,8 +397,7 @@ class NativeMoE(MoE):
         ns = self.slabs if xt.shape[0] == 1 else (0, 0)
         try:
             out = native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw,
-                                   pre_id=shared if early is not None else -1, early=early, ns_gu=ns[0], ns_dn=ns[1],
-                                   sync_arrive=sync[1])
+                                   pre_id=shared if early is not None else -1, early=early, ns_gu=ns[0], ns_dn=ns[1])
         except Exception:
             if early is not None:  # routing has raised the flags (in stream order): the next call must not see them
                 early.zero_()
@@ -454,9 +430,8 @@ class NativeDense(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, modality=None, fusion_ok=None, residual: torch.Tensor | None = None,
-                norm: FastRMSNorm | None = None, sync: native.Sync = (None, None)):
-        """With `norm`, x is the stream before the layer's second norm (gate+up norms one token itself).
-        sync: (None, down's arrival) as NativeMoE's (no routing)."""
+                norm: FastRMSNorm | None = None):
+        """With `norm`, x is the stream before the layer's second norm (gate+up norms one token itself)."""
         if norm is not None and x.shape[0] * x.shape[1] != 1:
             x, norm = norm(x), None
         xt = x.reshape(-1, x.shape[-1]).contiguous()
@@ -467,7 +442,7 @@ class NativeDense(nn.Module):
         ids, w = self._slots[T]
         res = None if residual is None else residual.reshape(-1, x.shape[-1]).contiguous()
         nw = None if norm is None else (norm.weight, norm.eps)
-        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw, sync_arrive=sync[1]).view(x.shape)
+        return native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw).view(x.shape)
 
 
 class NativeLayer(nn.Module):
@@ -488,27 +463,14 @@ class NativeLayer(nn.Module):
                           and isinstance(mlp, (NativeMoE, NativeDense)) and mlp.fuses_norm()
                           and isinstance(self.post_attention_layernorm, FastRMSNorm))
 
-    def chains(self) -> bool:
-        """Whether one token's layer runs as the chain of launches that LayerSync's handshakes link (the
-        q/k/v GEMM with the input norm, attention, the o GEMM with the add, the fused MLP with the norm)."""
-        attn = self.self_attn
-        return self.fuse_post and isinstance(attn, FusedQKVAttention) and attn.qkv.norm_at_one and \
-            isinstance(self.input_layernorm, FastRMSNorm)
-
-    def forward(self, h, cos, sin, mask, cache, modality, fusion_ok, sync: LayerSync | None = None):
-        """sync: the decode step's handshakes for this layer (link_layers; one token through `chains`)."""
+    def forward(self, h, cos, sin, mask, cache, modality, fusion_ok):
         attn, norm = self.self_attn, self.input_layernorm
         one = h.shape[0] * h.shape[1] == 1 and isinstance(norm, FastRMSNorm) and norm.takes(h)
         in_norm = one and isinstance(attn, FusedQKVAttention) and attn.qkv.norm_at_one
-        if sync is not None and not (in_norm and self.fuse_post and isinstance(cache, StaticKVCache)):
-            # the layer before has arrived at a handshake this layer would not wait on (link_layers pairs
-            # only chaining layers, and a decode step's token always takes this path)
-            raise RuntimeError("a decode layer was given handshakes off its one-token chain")
         x = h if in_norm else norm(h)
         if one and self.fuse_post:
-            h = attn(x, cos, sin, mask, cache, norm=norm if in_norm else None, residual=h, sync=sync)  # h + attention
-            mlp_sync = (None, None) if sync is None else (sync.o_out, sync.down_out)
-            return self.mlp(h, modality, fusion_ok, residual=h, norm=self.post_attention_layernorm, sync=mlp_sync)
+            h = attn(x, cos, sin, mask, cache, norm=norm if in_norm else None, residual=h)  # h + attention
+            return self.mlp(h, modality, fusion_ok, residual=h, norm=self.post_attention_layernorm)
         # the reference Attention (q/k/v not one int4 GEMM) takes no norm: x is normed above
         a = attn(x, cos, sin, mask, cache, norm=norm) if in_norm else attn(x, cos, sin, mask, cache)
         norm = self.post_attention_layernorm
@@ -750,25 +712,6 @@ def build_model(cfg: M3Config, source: TensorSource, packed: dict[str, tuple[str
     return model.eval()
 
 
-def link_layers(layers, rows: torch.Tensor) -> list[LayerSync | None]:
-    """The decode step's handshakes between its launches (LayerSync), per layer: none for a layer off the
-    one-token chain (NativeLayer.chains), and across a layer boundary only where both layers chain. One
-    int32 [4, 4] of zeros, `rows`, serves every layer: each handshake is zero again (its readers' last)
-    before the next layer's producer arrives."""
-    down_qkv, qkv_attn, attn_o, o_route = rows.unbind(0)
-    chains = [isinstance(layer, NativeLayer) and layer.chains() for layer in layers]
-    out: list[LayerSync | None] = []
-    for i, layer in enumerate(layers):
-        if not chains[i]:
-            out.append(None)
-            continue
-        routed = isinstance(layer.mlp, NativeMoE)
-        out.append(LayerSync(qkv_in=down_qkv if i > 0 and chains[i - 1] else None, qkv_out=qkv_attn,
-                             attn_out=attn_o, o_out=o_route if routed else None,
-                             down_out=down_qkv if i + 1 < len(layers) and chains[i + 1] else None))
-    return out
-
-
 def _dequantize_into(dst: torch.Tensor, t: dict[str, torch.Tensor], scheme: Scheme, rows: int = 8192) -> None:
     """dst [N, K] = the dequantized pack-quantized linear, a block of rows at a time (an fp32 copy of
     a whole int8 lm_head would be 2.5 GB more on the GPU at load than the plan counts)."""
@@ -868,9 +811,6 @@ class CudaBackend:
         cache = RepackCache(model_dir, self.device, self.plan.weights) if model_dir is not None and repack_cache \
             else None
         self.model = build_model(cfg, source, packed, self.device, dtype, progress, cache)
-        # the decode step's launch-to-launch handshakes (link_layers); a switch for the benchmark's A/B
-        self._sync_rows = torch.zeros(4, 4, dtype=torch.int32, device=self.device)
-        self.sync = True
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         # the reference MoE (routed experts not int4: dequantized) counts its tokens per expert on the host,
         # which a captured graph cannot: such a model decodes eagerly
@@ -966,15 +906,9 @@ class CudaBackend:
         modality = torch.full((1, 1), MODALITY_TEXT, dtype=torch.long, device=self.device)
         fusion_ok = st.seen.view(1, 1)
         cache.graph_keys = keys
-        # (linked at each capture: the layers' switches may have changed since)
-        syncs = link_layers(m.layers, self._sync_rows) if self.sync else [None] * len(m.layers)
         try:
-            for layer, sync in zip(m.layers, syncs):
-                h = layer(h, cos, sin, mask, cache, modality, fusion_ok, sync=sync) if sync is not None else \
-                    layer(h, cos, sin, mask, cache, modality, fusion_ok)
-        except BaseException:
-            self._sync_rows.zero_()  # a launch may have arrived at a handshake whose reader never ran
-            raise
+            for layer in m.layers:
+                h = layer(h, cos, sin, mask, cache, modality, fusion_ok)
         finally:
             cache.graph_keys = None
         st.logits.copy_(m.logits(h)[0, -1].float())

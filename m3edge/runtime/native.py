@@ -231,28 +231,19 @@ def repack(tensors: dict[str, torch.Tensor], scheme: Scheme) -> W4Weights:
 
 def w4a16_gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None = None, splits: int = 0,
                n_tile: int = 0, norm: tuple[torch.Tensor, float] | None = None,
-               residual: torch.Tensor | None = None, sync: "Sync" = (None, None)) -> torch.Tensor:
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp16/bf16 -> [..., N] = x @ W^T (fp32 accumulation, group scales applied in fp32).
     `out` may be given ([M, N], x's dtype or float32 for the unrounded result). splits and n_tile
     override the plan (0 = its choice): n_tile 16/32/64 is the decode kernel (M <= 8), 128 the tiles.
     norm (weight [K], eps): x's rows RMS-normed first in the kernel's prologue, as rmsnorm() would
     (where `fuses_norm` says the plan allows it). residual ([..., N], x's dtype): added to the rounded
-    output and rounded again (a layer's `h + o_proj(x)`; 16-bit outputs only). sync (wait, arrive),
-    the decode kernel: handshakes with the launches before and after (`Sync`)."""
-    return _gemm(x, wt, out, splits, n_tile, norm, residual, sync=sync)
-
-
-# Launch-to-launch handshakes (m3e_api.cuh sync_wait / sync_arrive), each an int32 [4] of zeros (left
-# zero): the launch that produces an op's input arrives at one once its output is stored, and the op
-# waits for that instead of for the producer's grid to complete (a decode step's kernels, one token).
-# A pair (wait, arrive), either None. Every arrival must meet its wait: an op given `wait` must follow
-# the op given the same tensor as `arrive`, with nothing between them that reads what it stores.
-Sync = tuple[torch.Tensor | None, torch.Tensor | None]
+    output and rounded again (a layer's `h + o_proj(x)`; 16-bit outputs only)."""
+    return _gemm(x, wt, out, splits, n_tile, norm, residual)
 
 
 def _gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None, splits: int, n_tile: int,
           norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-          w_lo: torch.Tensor | None = None, sync: Sync = (None, None)) -> torch.Tensor:
+          w_lo: torch.Tensor | None = None) -> torch.Tensor:
     """The binder's w4a16_gemm over x's leading dimensions (w4a16_gemm, w8a16_gemm)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -261,7 +252,7 @@ def _gemm(x: torch.Tensor, wt: W4Weights, out: torch.Tensor | None, splits: int,
     nw, eps = norm if norm is not None else (None, 1e-6)
     res = None if residual is None else residual.reshape(-1, wt.n)
     raise_for(load().w4a16_gemm(x2, wt.w, wt.scales, wt.mins, wt.zeros, out, wt.group, splits, n_tile, nw, eps, res,
-                                w_lo, sync[0], sync[1]))
+                                w_lo))
     return out.reshape(*lead, wt.n)
 
 
@@ -350,8 +341,7 @@ def repack_experts(gate: list[dict[str, torch.Tensor]], up: list[dict[str, torch
 def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: W4Experts,
               out: torch.Tensor | None = None, ns_gu: int = 0, ns_dn: int = 0, mma_rows: int = 0,
               residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
-              pre_id: int = -1, early: torch.Tensor | None = None,
-              sync_arrive: torch.Tensor | None = None) -> torch.Tensor:
+              pre_id: int = -1, early: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts of an MoE layer, fused (native/cuda/moe.cu): x [T, H] fp16/bf16, topk_ids
     [T, k] int32/int64, topk_weights [T, k] float32 or x's dtype -> [T, H] = sum_j topk_weights[t, j] *
     down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]; an id outside [0, E) adds nothing.
@@ -367,35 +357,33 @@ def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     expert; the ids' last column is not read for it); its CTAs run first, and with `early` (int32 [2],
     zeros, also given to the route_topk call before) its gate+up CTAs start once routing's input is
     settled instead of after routing, so they stream while routing runs; with int32 [4] the other pairs'
-    gate+up CTAs start once routing has stored their ids, not once its launch has completed.
-    sync_arrive (one token on the decode kernel): down's CTAs that complete out arrive at it (`Sync`)."""
+    gate+up CTAs start once routing has stored their ids, not once its launch has completed."""
     if out is None:
         out = torch.empty(x.shape[0], experts.gate_up.k, dtype=x.dtype, device=x.device)
     gu, dn = experts.gate_up, experts.down
     nw, eps = norm if norm is not None else (None, 1e-6)
     raise_for(load().moe_w4a16(x, topk_ids, topk_weights, gu.w, gu.scales, gu.mins, gu.zeros, dn.w, dn.scales,
                                dn.mins, dn.zeros, out, gu.group, ns_gu, ns_dn, mma_rows, residual, nw, eps, pre_id,
-                               early, sync_arrive))
+                               early))
     return out
 
 
 def route_topk(x: torch.Tensor, routers: torch.Tensor, modality: torch.Tensor, fusion_ok: torch.Tensor, k: int,
                n_fusion: int, norm_topk: bool, scale: float, extra_id: int = -1,
                norm: tuple[torch.Tensor, float] | None = None,
-               early: torch.Tensor | None = None,
-               sync_wait: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               early: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE routing in one launch (native/cuda/decode_ops.cu): x [T, H], routers [R, E, H] (x's dtype),
     modality int64 [T], fusion_ok bool [T] -> ids int32, weights fp32 [T, k (+1 with extra_id >= 0:
     that id, weight 1)]; the reference's `route` choice (m3lite.py). norm (weight [H], eps): the
     logits of x RMS-normed as rmsnorm() would. early (int32 [2] or [4]): its first entry set once x is
     settled, and with 4 its third once token 0's ids and weights are stored, for the moe_w4a16 call
-    that follows (its `early`). sync_wait (one token): the launch before arrives at it (`Sync`)."""
+    that follows (its `early`)."""
     width = k + (extra_id >= 0)
     ids = torch.empty(x.shape[0], width, dtype=torch.int32, device=x.device)
     w = torch.empty(x.shape[0], width, dtype=torch.float32, device=x.device)
     nw, eps = norm if norm is not None else (None, 1e-6)
     raise_for(load().route_topk(x, routers, modality, fusion_ok, ids, w, k, n_fusion, norm_topk, extra_id, scale,
-                                nw, eps, early, sync_wait))
+                                nw, eps, early))
     return ids, w
 
 
@@ -431,17 +419,16 @@ def attn_workspace(nh: int, nkv: int, head_dim: int, device) -> tuple[torch.Tens
 def attn_decode(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor | None, pos0: int,
                 keys: int, nh: int, nkv: int, eps: float, workspace: tuple[torch.Tensor, torch.Tensor],
-                out: torch.Tensor | None = None, sync: Sync = (None, None)) -> torch.Tensor:
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """One token's attention in one launch (native/cuda/decode_ops.cu): rope_qkv's q/k norm, RoPE and
     cache write of qkv [1, (nh + 2 nkv) D], then softmax(q k^T / sqrt(D)) v over cache slots 0..pos
     (pos: device int64 [1], or pos0), GQA -> [nh, D] in qkv's dtype. keys: the slots the launch may
-    see (a graph's bucket, > pos), which sets its chunking; workspace from attn_workspace. sync (wait,
-    arrive): handshakes with the q/k/v GEMM before and the launch after (`Sync`)."""
+    see (a graph's bucket, > pos), which sets its chunking; workspace from attn_workspace."""
     D = qkv.shape[1] // (nh + 2 * nkv)
     if out is None:
         out = torch.empty(nh, D, dtype=qkv.dtype, device=qkv.device)
     raise_for(load().attn_decode(qkv, q_norm, k_norm, cos, sin, out, k_cache, v_cache, pos, pos0, keys, nh, nkv, eps,
-                                 workspace[0], workspace[1], sync[0], sync[1]))
+                                 workspace[0], workspace[1]))
     return out
 
 

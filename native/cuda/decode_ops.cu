@@ -178,14 +178,8 @@ template <bool BF16>
 __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_route_args a, float* logits) {
   __shared__ float part[LOGIT_WARPS];
   pdl_launch_dependents();  // sm_90 dependents (the MoE's first launch) may start; they wait for this grid
+  pdl_wait();               // launched as a dependent: x is the kernel before's output
   const int t = blockIdx.y, e = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
-  int before = -1;  // thread 0, with sync_wait: the handshake's readers before this CTA (sync_done)
-  if (a.sync_wait) {  // x is the kernel before's output: it arrives once x is stored
-    if (tid == 0) before = sync_await(a.sync_wait);
-    __syncthreads();
-  } else {
-    pdl_wait();  // launched as a dependent: x is the kernel before's output
-  }
   if (a.early && e == 0 && t == 0 && tid == 0) {  // x is settled: the MoE's pre-routed pair may start
     __threadfence();
     st_release(a.early, 1);
@@ -242,7 +236,6 @@ __global__ void __launch_bounds__(32 * LOGIT_WARPS) route_logits_kernel(m3e_rout
   __syncthreads();
   __shared__ int s_last;
   if (tid == 0) {
-    if (a.sync_wait) sync_done(a.sync_wait, before, gridDim.x * gridDim.y);
     float v = 0.f;
 #pragma unroll
     for (int i = 0; i < LOGIT_WARPS; ++i) v += part[i];
@@ -374,13 +367,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     cp_async16((v ? vs : ks) + j * D + c, (v ? vc : kc) + (size_t)(c0 + j) * D + c);
   }
   cp_async_commit();
-  int before = -1;  // thread 0, with sync_wait: the handshake's readers before this CTA (sync_done)
-  if (a.sync_wait) {  // the q/k/v GEMM arrives once its output is stored
-    if (tid == 0) before = sync_await(a.sync_wait);
-    __syncthreads();
-  } else {
-    pdl_wait();
-  }
+  pdl_wait();
   // 2. this token's rows: 0..G-1 q, G k, G+1 v, G+2 cos, G+3 sin, G+4 q_norm, G+5 k_norm
   {
     const T* row = static_cast<const T*>(a.qkv);
@@ -519,13 +506,6 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     }
   }
   const int h = hk * G + warp;
-  if (tid == 0 && a.sync_wait) sync_done(a.sync_wait, before, gridDim.x * gridDim.y);
-  // the CTA that stores a kv head's out arrives at the next launch's handshake (sync_arrive)
-  auto arrive = [&]() {
-    if (!a.sync_arrive) return;
-    __syncthreads();
-    if (tid == 0) sync_arrive(a.sync_arrive, gridDim.x);
-  };
   if (a.splits == 1) {
     if (warp < G && sub == 0) {
       T* out = static_cast<T*>(a.out) + (size_t)h * D + d0;
@@ -533,7 +513,6 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
 #pragma unroll
       for (int e = 0; e < 8; ++e) out[e] = A::t(o[e] * r);
     }
-    arrive();
     return;
   }
   // 5. this chunk's partial (O [D], then M, L) per head into the workspace (wo [nh][splits][D], wml
@@ -608,7 +587,6 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     out[2] = A::t(acc.z);
     out[3] = A::t(acc.w);
   }
-  arrive();
 }
 
 }  // namespace ops
@@ -623,7 +601,6 @@ extern "C" int m3e_route(const m3e_route_args* a, void* stream) {
     return M3E_ERR_SHAPE;
   if ((reinterpret_cast<uintptr_t>(a->x) | reinterpret_cast<uintptr_t>(a->routers) | reinterpret_cast<uintptr_t>(a->norm_w)) & 15)
     return M3E_ERR_ALIGN;
-  if (a->sync_wait && a->T != 1) return M3E_ERR_ARG;
   auto s = static_cast<cudaStream_t>(stream);
   const int pdl = m3e::pdl_capable();
   if (pdl < 0) return M3E_ERR_CUDA;

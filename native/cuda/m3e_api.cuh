@@ -63,13 +63,6 @@ typedef struct {
   // times the int8 scales (the high plane's); mins and zeros NULL; the decode kernel only (M <= 8),
   // else M3E_ERR_ARG. NULL: int4.
   const uint32_t* w_lo;
-  // Launch-to-launch handshakes in place of the programmatic dependent's wait (ptx.cuh sync_*): int32 [4]
-  // each, zero before the first call, left zero; the decode kernel only (n_tile < 128), else M3E_ERR_ARG.
-  // sync_wait: the launch before this one arrives at it (m3e_moe_args / m3e_attn_args sync_arrive, or
-  // this op's), and this GEMM waits for that instead of for its grid to complete; sync_arrive: the
-  // CTAs that store out arrive at it (one per N tile), for the next launch's sync_wait. NULL: none.
-  int* sync_wait;
-  int* sync_arrive;
 } m3e_w4a16_args;
 
 typedef struct {
@@ -142,9 +135,6 @@ typedef struct {
   int pre_routed, pre_id;
   int* early;
   int early_ids;
-  // One token on the decode kernel: down's CTA that completes an N tile of out (the token's last slot)
-  // arrives at this handshake (m3e_w4a16_args.sync_wait), or NULL. Else M3E_ERR_ARG.
-  int* sync_arrive;
 } m3e_moe_args;
 
 typedef struct {
@@ -191,8 +181,6 @@ typedef struct {
   int* early;                  // or NULL: early[0] set to 1 once the launch before has completed (x is
                                // settled; the fused MoE's pre-routed slot starts on it, m3e_moe_args)
   int early_ids;               // early[2] set to 1 once token 0's ids and weights are stored (4 entries)
-  int* sync_wait;              // one token (T = 1): the launch before arrives at this handshake
-                               // (m3e_w4a16_args.sync_arrive), waited for in place of its grid; or NULL
 } m3e_route_args;
 
 int m3e_route(const m3e_route_args* args, void* stream);
@@ -246,10 +234,6 @@ typedef struct {
   int* counters;               // [nkv], zero before the call (left zero)
   int pos0, keys, splits, chunk, nh, nkv, D, cap, act_bf16;
   float eps;
-  // handshakes (m3e_w4a16_args): the launch before (the q/k/v GEMM) arrives at sync_wait, waited for in
-  // place of its grid; the CTAs that store out (one per kv head) arrive at sync_arrive. Or NULL.
-  int* sync_wait;
-  int* sync_arrive;
 } m3e_attn_args;
 
 // The chunking for `keys` slots (the largest position + 1 the launch may see); M3E_ERR_SHAPE past

@@ -285,7 +285,7 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   const bool direct = !tile && a->T == 1;
   if (a->norm_w && (!direct || misaligned(a->norm_w))) return M3E_ERR_ARG;
   if (a->pre_routed && (!direct || a->pre_id < 0 || a->pre_id >= a->E)) return M3E_ERR_ARG;
-  if ((a->early && !a->pre_routed) || (a->early_ids && !a->early) || (a->sync_arrive && !direct)) return M3E_ERR_ARG;
+  if ((a->early && !a->pre_routed) || (a->early_ids && !a->early)) return M3E_ERR_ARG;
   const int staged = n <= GROUP_STAGE_MAX;  // with E <= 1024: at most 56 KB, under the 64 KB asked for once
   static bool group_opted[64] = {};
   if (int rc = opt_in_smem(moe_group_kernel, (6 * 1024 + GROUP_STAGE_MAX) * (int)sizeof(int), group_opted);
@@ -344,7 +344,6 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
       rc != M3E_OK)
     return rc;
   down_io(p, *a);
-  p.sync_out = a->sync_arrive;
   p.moe_tiles = direct ? nullptr : reinterpret_cast<const int4*>(a->tiles) + plan.tiles_gu;
   return launch(EPI_DOWN, direct ? dim3(gy_dn, n) : dim3(plan.tiles_dn, gy_dn), smem);
 }

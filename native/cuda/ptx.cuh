@@ -93,35 +93,6 @@ __device__ __forceinline__ void st_release(int* p, int v) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
-// A launch-to-launch handshake at one token (m3e_api.cuh, "sync"): int [4] = {arrived, readers,
-// expected, unused}, zero before the first use and left so. The CTAs that store the producer's output
-// arrive (thread 0, after a barrier that follows the CTA's stores); the consumer's CTAs wait until all
-// expected have arrived, instead of for the producer's grid to complete (griddepcontrol.wait: its
-// last CTA's exit, then the grid's completion and flush), then count themselves among its n readers;
-// the last zeroes it for the next call (sync_done, which the consumer may call later, so that the
-// count's round trip is not waited for). Deadlock-free where the consumer is launched after the
-// producer's CTAs are all resident, i.e. as its programmatic dependent (or after it completed).
-__device__ __forceinline__ void sync_arrive(int* s, int expected) {
-  s[2] = expected;  // the same value from every arriving CTA, seen by a reader that sees one arrival
-  __threadfence();
-  atomicAdd(s, 1);
-}
-// Returns the readers before this one (for sync_done).
-__device__ __forceinline__ int sync_await(int* s) {
-  int a = ld_acquire(s);
-  while (a == 0 || a < *reinterpret_cast<volatile int*>(s + 2)) {
-    __nanosleep(32);
-    a = ld_acquire(s);
-  }
-  return atomicAdd(s + 1, 1);
-}
-__device__ __forceinline__ void sync_done(int* s, int before, int n) {
-  if (before == n - 1) {
-    s[0] = 0;
-    s[1] = 0;
-  }
-}
-
 // (a & b) | c in one instruction: lut = (0xf0 & 0xcc) | 0xaa.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;

@@ -121,7 +121,6 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   if (a->norm_w && (!decode || a->splits != 1 || misaligned(a->norm_w))) return M3E_ERR_ARG;
   if (a->residual && a->out_f32) return M3E_ERR_ARG;
   if (a->w_lo && (!decode || a->mins || a->zeros || misaligned(a->w_lo))) return M3E_ERR_ARG;
-  if ((a->sync_wait || a->sync_arrive) && !decode) return M3E_ERR_ARG;
 
   Params p = {};
   p.x = static_cast<const uint16_t*>(a->x);
@@ -146,8 +145,6 @@ extern "C" int m3e_w4a16_gemm(const m3e_w4a16_args* a, void* stream) {
   p.norm_w = a->norm_w;
   p.norm_eps = a->norm_eps;
   p.res = a->residual;
-  p.sync_in = a->sync_wait;
-  p.sync_out = a->sync_arrive;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool has_min = a->mins != nullptr;
   if (decode) {

@@ -110,10 +110,6 @@ struct Params {
   int moe_pre_id;
   int* moe_early;
   int moe_early_ids;
-  // decode kernel, the GEMM and one token's MoE down: the handshakes (ptx.cuh sync_*) it waits on in place
-  // of the dependent launch's wait (GEMM) and arrives at once its output is stored (GEMM, down)
-  int* sync_in;
-  int* sync_out;
   int topk, rw_f32;
 };
 

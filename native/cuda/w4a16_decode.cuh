@@ -216,10 +216,8 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       const bool pr = p.moe_pre_id >= 0 && blockIdx.y == 0;  // (drow == gridDim.y - 1)
       reader_done(p.moe_early + (pr ? 0 : 2), p.moe_early + (pr ? 1 : 3), s_before,
                   pr ? gridDim.x : gridDim.x * (gridDim.y - 1));
-    } else if constexpr (EPI == EPI_DOWN) {
-      reader_done(p.moe_ready + drow, p.moe_ready + p.topk + drow, s_before, gridDim.x);
     } else {
-      sync_done(p.sync_in, s_before, gridDim.x * gridDim.y);
+      reader_done(p.moe_ready + drow, p.moe_ready + p.topk + drow, s_before, gridDim.x);
     }
   };
   if constexpr (EPI == EPI_GATE_UP) {
@@ -278,7 +276,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // The GEMM launched as a programmatic dependent (sm_90: p.pdl) gets x after the wait, as down does:
   // its CTAs start while the kernel before runs and stream their weights meanwhile. x then comes by
   // plain loads (step 3), so that waiting for it does not wait for the weights' groups (v14).
-  const bool late_x = EPI == EPI_DOWN || (EPI == EPI_GEMM && (p.pdl || p.sync_in));
+  const bool late_x = EPI == EPI_DOWN || (EPI == EPI_GEMM && p.pdl);
   if (!late_x) {
 #pragma unroll 1
     for (int r = 0; r < rows; ++r) {
@@ -320,10 +318,6 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       pdl_wait();  // the slots and counters of the launch before are settled
       moe_down_store<BF16, DTHREADS>(p, 1, slab0 * 16, 16 * ns, ntile, ntiles, pair_of,
                                      [](int, int) { return 0.f; }, &s_tok);
-      if (p.sync_out) {  // (one token) as below: the last slot may be this one
-        __syncthreads();
-        if (tid == 0 && s_tok >= 0) sync_arrive(p.sync_out, ntiles);
-      }
     }
     return;
   }
@@ -371,9 +365,6 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       // and down's last store to out needs every pair here: gate+up has read x by then. The pair's
       // last reader zeroes both counts for the next call.
       if (tid == 0) before = await_count(p.moe_ready + row0, p.moe_ready_target, p.moe_ready + p.topk + row0, seen);
-      __syncthreads();
-    } else if (EPI == EPI_GEMM && p.sync_in) {  // the launch before arrives once its output is stored
-      if (tid == 0) before = sync_await(p.sync_in);
       __syncthreads();
     } else {
       pdl_wait();
@@ -629,22 +620,11 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       done_reading();
       moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, ntiles, pair_of, val, s_token,
                                      direct ? &s_rw : nullptr);
-      if (p.sync_out) {  // (one token) this CTA completed its N tile of out: the next launch may read it
-        __syncthreads();
-        if (tid == 0 && s_token[0] >= 0) sync_arrive(p.sync_out, ntiles);
-      }
     }
     M3E_TRACE_OUT(EPI)
     return;
   }
 
-  done_reading();
-  // the CTA that stores an N tile of out arrives at the next launch's handshake (sync_out)
-  auto arrive = [&]() {
-    if (!p.sync_out) return;
-    __syncthreads();
-    if (tid == 0) sync_arrive(p.sync_out, ntiles);
-  };
   float* mine = p.splits > 1 ? p.ws + ((size_t)ntile * p.splits + blockIdx.y) * nout : nullptr;
   for (int i = tid; i < nout; i += DTHREADS) {
     const int m = i / nrow, nl = i - m * nrow;
@@ -655,10 +635,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       mine[i] = v;
   }
   M3E_TRACE_OUT(EPI)
-  if (p.splits == 1) {
-    arrive();
-    return;
-  }
+  if (p.splits == 1) return;
 
   // split-K: the last slice to arrive sums the slices' partials in slice order (w4a16.cuh explains
   // the single fence)
@@ -678,7 +655,6 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     store<BF16>(p, (size_t)m * p.N + n0 + nl, v);
   }
   if (tid == 0) p.cnt[ntile] = 0;
-  arrive();
 }
 
 // pdl: launch as a programmatic dependent of the stream's previous kernel (sm_90 only; the MoE
