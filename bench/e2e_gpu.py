@@ -173,14 +173,11 @@ def set_feature(be: CudaBackend, name: str, on: bool) -> None:
     """A decode fusion on or off for the A/B rows: "attn" the one-launch attention (native.attn_decode;
     off: rope_qkv + SDPA), "norm" the input RMSNorm in the qkv GEMM (off: its own launch), "post"
     attention's residual add in the o GEMM and the second norm in routing and gate+up (off: one
-    norm-and-add launch), "early" the shared expert's gate+up starting during routing (off: after it),
-    "ids" the other pairs' gate+up starting on routing's flag that their ids are stored (off: on routing's
-    grid completing). Graphs captured before keep what they captured (clear them)."""
+    norm-and-add launch), "early" the shared expert's gate+up starting during routing (off: after it).
+    Graphs captured before keep what they captured (clear them)."""
     for layer in be.model.layers:
         if name == "early" and hasattr(layer.mlp, "shared_early"):
             layer.mlp.shared_early = on
-        if name == "ids" and hasattr(layer.mlp, "routed_early"):
-            layer.mlp.routed_early = on
         if name == "post":
             if not hasattr(layer, "_fuse_post"):
                 layer._fuse_post = layer.fuse_post
@@ -449,12 +446,11 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
-    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post", "early", "ids"],
+    ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post", "early"],
                     help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
                          "norm and attention's residual add in their own launch, early = the shared expert's "
-                         "gate+up after routing instead of during it, ids = the other pairs' gate+up on routing's "
-                         "grid completing instead of its flag")
+                         "gate+up after routing instead of during it")
     ap.add_argument("--slabs", nargs="*", default=[], metavar="GU/DN", type=slabs_arg,
                     help="also time decode with the one-token MoE pair's slabs per CTA forced (gate+up / down, e.g. "
                          "8/8; 0 = the plan's)")

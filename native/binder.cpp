@@ -51,11 +51,8 @@ bool is_half(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// The MoE's early flags and their readers' counts (m3e_moe_args.early, m3e_route_args.early): int32 [2]
-// (the pre-routed pair's), or [4] with the routed pairs' (early_ids).
-bool is_flag_pair(const at::Tensor& t) {
-  return t.dim() == 1 && (t.size(0) == 2 || t.size(0) == 4) && t.scalar_type() == at::kInt;
-}
+// The MoE's early flag and its readers' count (m3e_moe_args.early, m3e_route_args.early): int32 [2].
+bool is_flag_pair(const at::Tensor& t) { return t.dim() == 1 && t.size(0) == 2 && t.scalar_type() == at::kInt; }
 
 #define CHECK_ARG(cond, ...) \
   if (!(cond)) return cat("value: w4a16_gemm: ", __VA_ARGS__)
@@ -300,7 +297,7 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
             "pre_id (the last slot's expert, known before routing) takes one token on the decode kernel and an id "
             "below E = ", w_gu.size(0), ", got x ", desc(x), ", mma_rows ", mma_rows, ", pre_id ", pre_id);
   CHECK_MOE(!early || (pre_id >= 0 && is_flag_pair(*early)),
-            "early needs pre_id and must be int32 [2] or [4] (zero before the first call), got ",
+            "early needs pre_id and must be int32 [2] (zero before the first call), got ",
             early ? desc(*early) : std::string());
   CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
             "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
@@ -375,7 +372,6 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   a.pre_routed = pre_id >= 0;
   a.pre_id = (int)pre_id;
   a.early = early ? early->data_ptr<int>() : nullptr;
-  a.early_ids = early && early->size(0) == 4;
   rc = m3e_moe_w4a16(&a, at::cuda::getCurrentCUDAStream().stream());
   if (rc != M3E_OK)
     return cat(rc == M3E_ERR_CUDA ? "cuda: " : "value: ", "moe_w4a16(x ", desc(x), ", gate_up.w ", desc(w_gu),
@@ -425,7 +421,7 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
       {"x", &x}, {"routers", &routers}, {"modality", &modality}, {"fusion_ok", &fusion_ok}, {"ids", &ids},
       {"weights", &weights}};
   CHECK_OP("route_topk", !early || is_flag_pair(*early),
-           "early must be int32 [2] or [4], got ", early ? desc(*early) : std::string());
+           "early must be int32 [2], got ", early ? desc(*early) : std::string());
   if (norm_w) all.push_back({"norm_w", &*norm_w});
   if (early) all.push_back({"early", &*early});
   if (auto e = check_all("route_topk", all); !e.empty()) return e;
@@ -463,7 +459,6 @@ std::string route_topk(const at::Tensor& x, const at::Tensor& routers, const at:
   a.norm_w = norm_w ? norm_w->data_ptr() : nullptr;
   a.norm_eps = (float)norm_eps;
   a.early = early ? early->data_ptr<int>() : nullptr;
-  a.early_ids = early && early->size(0) == 4;
   return run_status("route_topk", m3e_route(&a, at::cuda::getCurrentCUDAStream().stream()));
 #endif
 }

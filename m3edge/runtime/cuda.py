@@ -345,12 +345,11 @@ class NativeMoE(MoE):
         self.native, self.shared_slot = experts, shared_slot
         self._w: torch.Tensor | None = None  # [R, E, H] fp32 routers for `route` (no routing kernel)
         self._r: torch.Tensor | None = None  # [R, E, H] in the activations' dtype, for the routing kernel
-        # one token with the shared slot: routing's flags (native.moe_w4a16 `early`): x settled, on which
-        # the shared expert's gate+up CTAs start (they stream while routing runs), and the ids stored, on
-        # which the other pairs' start (not on routing's grid completing); switches for the benchmark's A/B
+        # one token with the shared slot: routing's flag that x is settled, on which the shared expert's
+        # gate+up CTAs start (they stream while routing runs; native.moe_w4a16 `early`); a switch for
+        # the benchmark's A/B
         self._early: torch.Tensor | None = None
         self.shared_early = True
-        self.routed_early = True
         self.slabs = (0, 0)  # the one-token pair's slabs per CTA (gate+up, down); 0 = the plan's (benchmark sweeps)
 
     def prepare(self) -> None:
@@ -360,7 +359,7 @@ class NativeMoE(MoE):
         if w.is_cuda and w.shape[1] <= 256 and self.cfg.num_experts_per_tok <= 16 and w.shape[2] % 8 == 0:
             self._r = w
             if self.shared_slot:
-                self._early = torch.zeros(4, dtype=torch.int32, device=w.device)
+                self._early = torch.zeros(2, dtype=torch.int32, device=w.device)
         else:
             self._w = w.float()
 
@@ -384,9 +383,7 @@ class NativeMoE(MoE):
         c = self.cfg
         nw = None if norm is None else (norm.weight, norm.eps)
         shared = self.native.n_experts - 1 if self.shared_slot else -1
-        early = None
-        if self._early is not None and self.shared_early and xt.shape[0] == 1:
-            early = self._early if self.routed_early else self._early[:2]
+        early = self._early if self.shared_early and xt.shape[0] == 1 else None
         ids, w = native.route_topk(xt, self._r, modality.reshape(-1).contiguous(), fusion_ok.reshape(-1).contiguous(),
                                    c.num_experts_per_tok, c.num_fusion_experts, c.norm_topk_prob,
                                    c.routed_scaling_factor, shared, norm=nw, early=early)
@@ -399,7 +396,7 @@ class NativeMoE(MoE):
             out = native.moe_w4a16(xt, ids, w, self.native, residual=res, norm=nw,
                                    pre_id=shared if early is not None else -1, early=early, ns_gu=ns[0], ns_dn=ns[1])
         except Exception:
-            if early is not None:  # routing has raised the flags (in stream order): the next call must not see them
+            if early is not None:  # routing has raised the flag (in stream order): the next call must not see it
                 early.zero_()
             raise
         return out.view(B, S, H)

@@ -356,8 +356,7 @@ def moe_w4a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     pre_id, one token on the decode kernel: the last slot's expert, known before routing (the shared
     expert; the ids' last column is not read for it); its CTAs run first, and with `early` (int32 [2],
     zeros, also given to the route_topk call before) its gate+up CTAs start once routing's input is
-    settled instead of after routing, so they stream while routing runs; with int32 [4] the other pairs'
-    gate+up CTAs start once routing has stored their ids, not once its launch has completed."""
+    settled instead of after routing, so they stream while routing runs."""
     if out is None:
         out = torch.empty(x.shape[0], experts.gate_up.k, dtype=x.dtype, device=x.device)
     gu, dn = experts.gate_up, experts.down
@@ -375,9 +374,8 @@ def route_topk(x: torch.Tensor, routers: torch.Tensor, modality: torch.Tensor, f
     """MoE routing in one launch (native/cuda/decode_ops.cu): x [T, H], routers [R, E, H] (x's dtype),
     modality int64 [T], fusion_ok bool [T] -> ids int32, weights fp32 [T, k (+1 with extra_id >= 0:
     that id, weight 1)]; the reference's `route` choice (m3lite.py). norm (weight [H], eps): the
-    logits of x RMS-normed as rmsnorm() would. early (int32 [2] or [4]): its first entry set once x is
-    settled, and with 4 its third once token 0's ids and weights are stored, for the moe_w4a16 call
-    that follows (its `early`)."""
+    logits of x RMS-normed as rmsnorm() would. early (int32 [2]): its first entry set once x is settled,
+    for the moe_w4a16 call that follows (its `early`)."""
     width = k + (extra_id >= 0)
     ids = torch.empty(x.shape[0], width, dtype=torch.int32, device=x.device)
     w = torch.empty(x.shape[0], width, dtype=torch.float32, device=x.device)

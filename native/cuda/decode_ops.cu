@@ -125,13 +125,6 @@ __device__ void route_select(const m3e_route_args& a, const float* logits, int t
     a.ids[(size_t)t * width + a.k] = a.extra_id;
     a.weights[(size_t)t * width + a.k] = 1.f;
   }
-  if (a.early_ids && t == 0) {  // the fused MoE's routed pairs may start (m3e_moe_args.early_ids)
-    __syncwarp();
-    if (lane == 0) {
-      __threadfence();
-      st_release(a.early + 2, 1);
-    }
-  }
 }
 
 // The two values as one 32-bit word of the activation type, each rounded once.

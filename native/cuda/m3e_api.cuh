@@ -128,13 +128,9 @@ typedef struct {
   // says (the shared expert: known before routing); its CTAs run first, and with `early` ([2] int32,
   // zero before the first call, left zero; also given to m3e_route, which sets early[0] once the
   // launch before it has completed) its gate+up CTAs start on that flag instead of waiting for the
-  // launch before this one, so they stream while routing runs. Else M3E_ERR_ARG. With early_ids,
-  // early has 4 entries (zero before the first call, left zero) and the other pairs' gate+up CTAs
-  // start on early[2], which m3e_route (given early_ids too) sets once token 0's ids and weights are
-  // stored, instead of waiting for the routing launch to complete.
+  // launch before this one, so they stream while routing runs. Else M3E_ERR_ARG.
   int pre_routed, pre_id;
   int* early;
-  int early_ids;
 } m3e_moe_args;
 
 typedef struct {
@@ -180,7 +176,6 @@ typedef struct {
   float norm_eps;
   int* early;                  // or NULL: early[0] set to 1 once the launch before has completed (x is
                                // settled; the fused MoE's pre-routed slot starts on it, m3e_moe_args)
-  int early_ids;               // early[2] set to 1 once token 0's ids and weights are stored (4 entries)
 } m3e_route_args;
 
 int m3e_route(const m3e_route_args* args, void* stream);

@@ -285,7 +285,7 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   const bool direct = !tile && a->T == 1;
   if (a->norm_w && (!direct || misaligned(a->norm_w))) return M3E_ERR_ARG;
   if (a->pre_routed && (!direct || a->pre_id < 0 || a->pre_id >= a->E)) return M3E_ERR_ARG;
-  if ((a->early && !a->pre_routed) || (a->early_ids && !a->early)) return M3E_ERR_ARG;
+  if (a->early && !a->pre_routed) return M3E_ERR_ARG;
   const int staged = n <= GROUP_STAGE_MAX;  // with E <= 1024: at most 56 KB, under the 64 KB asked for once
   static bool group_opted[64] = {};
   if (int rc = opt_in_smem(moe_group_kernel, (6 * 1024 + GROUP_STAGE_MAX) * (int)sizeof(int), group_opted);
@@ -310,7 +310,6 @@ extern "C" int m3e_moe_w4a16(const m3e_moe_args* a, void* stream) {
   p.moe_E = a->E;
   p.moe_pre_id = a->pre_routed ? a->pre_id : -1;
   p.moe_early = a->early;
-  p.moe_early_ids = a->early_ids;
   if (tile) return moe_tile_launches(*a, p, plan, gshift, s);
   // sm_90: gate+up and down are programmatic dependents of the launch before them (the kernels' pdl_*
   // calls say what overlaps: launch latency, and down's weight stream with gate+up's tail)

@@ -104,12 +104,9 @@ struct Params {
   // one token: moe_pre_id >= 0 is the last slot's expert, known before routing (the shared expert);
   // that pair's CTAs are then the first of each launch (CTA row 0), and with moe_early ([2]: a flag
   // m3e_route sets once the launch before it has completed, then a count of this pair's gate+up CTAs
-  // that saw it) its gate+up CTAs wait for the flag, not for routing: they stream during routing;
-  // with moe_early_ids ([4]) the other pairs' gate+up CTAs wait likewise for moe_early[2] (routing's
-  // ids stored) and count themselves in moe_early[3]
+  // that saw it) its gate+up CTAs wait for the flag, not for routing: they stream during routing
   int moe_pre_id;
   int* moe_early;
-  int moe_early_ids;
   int topk, rw_f32;
 };
 
@@ -202,15 +199,14 @@ __device__ __forceinline__ void moe_gate_up_store(const Params& p, int rows, int
 // down: each pair's routing-weighted output goes to its slot row of the workspace [T topk][N]
 // (fp32); the CTA that brings a token's arrival count (per token and N tile: ntiles of them per
 // token) to topk sums the token's slots in slot order: deterministic, one launch (the fence pattern
-// of the split-K fixup), plus the residual row when there is one. s_token: `rows` ints of shared memory;
-// rw: the rows' routing weights where the CTA has loaded them already (shared memory), else NULL.
+// of the split-K fixup), plus the residual row when there is one. s_token: `rows` ints of shared memory.
 template <bool BF16, int NTHR, typename Pair, typename Val>
 __device__ __forceinline__ void moe_down_store(const Params& p, int rows, int n0, int ncols, int ntile, int ntiles,
-                                               Pair pair, Val val, int* s_token, const float* rw = nullptr) {
+                                               Pair pair, Val val, int* s_token) {
   const int tid = threadIdx.x;
   for (int i = tid; i < ncols * rows; i += NTHR) {
     const int m = i / ncols, c = i - m * ncols, pr = pair(m);
-    p.ws[(size_t)pr * p.N + n0 + c] = val(m, c) * (rw ? rw[m] : route_weight<BF16>(p, pr));
+    p.ws[(size_t)pr * p.N + n0 + c] = val(m, c) * route_weight<BF16>(p, pr);
   }
   __syncthreads();
   if (tid < rows) {

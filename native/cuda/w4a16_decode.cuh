@@ -139,22 +139,11 @@ static inline void decode_layout(Params& p, const DecodeSmem& L, int ns, int cps
 }
 
 // One thread of a CTA: wait until *count reaches target (another launch's CTAs raise it after their
-// stores; `seen`: a first ld_acquire of it, issued earlier beside other loads), then count this CTA
-// among the count's readers: the returned number of readers before it, used only at the CTA's end
-// (reader_done), so the atomic's round trip is not waited for here.
-__device__ __forceinline__ int await_count(const int* count, int target, int* readers, int seen) {
-  while (seen < target) {
-    __nanosleep(32);
-    seen = ld_acquire(count);
-  }
-  return atomicAdd(readers, 1);
-}
-
-// The last of a count's n readers zeroes it and the readers' count for the next call (nothing raises
-// the count again before all n have read it). Before the CTA's own arrival stores: what comes after
-// them in other launches sees the zeros.
-__device__ __forceinline__ void reader_done(int* count, int* readers, int before, int n) {
-  if (before == n - 1) {
+// stores), then count this CTA among the n that read it; the last of them zeroes both for the next call
+// (nothing raises count again before all n have read it).
+__device__ __forceinline__ void await_count(int* count, int target, int* readers, int n) {
+  while (ld_acquire(count) < target) __nanosleep(32);
+  if (atomicAdd(readers, 1) == n - 1) {
     *count = 0;
     *readers = 0;
   }
@@ -200,33 +189,12 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   const int drow = !direct ? 0 : p.moe_pre_id < 0 ? blockIdx.y : (blockIdx.y + gridDim.y - 1) % gridDim.y;
   const bool pre = direct && p.moe_pre_id >= 0 && drow == (int)gridDim.y - 1;
   int rows = p.M, row0 = 0, expert = 0;
-  // one token: the count or flag this CTA waits on (thread 0: its readers before this CTA, for
-  // reader_done; -1 where there is none, kept in shared memory across the K loop): down, its pair's
-  // gate+up count; gate+up, routing's flags
-  int before = -1;
-  __shared__ int s_before;
-  // routing's flags (moe_early): [0] x settled, for the pre-routed pair's CTAs; with moe_early_ids, [2]
-  // the ids and weights stored, for the other pairs' (a CTA row each, the pre-routed pair's excepted)
-  const bool flagged = EPI == EPI_GATE_UP && direct && p.moe_early && (pre || p.moe_early_ids);
-  int* const flag = flagged ? p.moe_early + (pre ? 0 : 2) : nullptr;
-  // the CTA's reader_done, after its K loop (everything recomputed: no registers held across it)
-  auto done_reading = [&]() {
-    if (tid != 0 || s_before < 0) return;
-    if constexpr (EPI == EPI_GATE_UP) {
-      const bool pr = p.moe_pre_id >= 0 && blockIdx.y == 0;  // (drow == gridDim.y - 1)
-      reader_done(p.moe_early + (pr ? 0 : 2), p.moe_early + (pr ? 1 : 3), s_before,
-                  pr ? gridDim.x : gridDim.x * (gridDim.y - 1));
-    } else {
-      reader_done(p.moe_ready + drow, p.moe_ready + p.topk + drow, s_before, gridDim.x);
-    }
-  };
   if constexpr (EPI == EPI_GATE_UP) {
-    if (flagged) {
+    if (pre && p.moe_early) {
       // the pre-routed pair reads only x (the launch before routing wrote it) and its own weights:
-      // wait for routing's flag that x is settled, not for routing; the other pairs (moe_early_ids)
-      // for its flag that their ids are stored, not for routing's grid to complete. The flag's last
-      // reader clears it for the next call (the next routing runs after this launch)
-      if (tid == 0) before = await_count(flag, 1, flag + 1, ld_acquire(flag));  // (flag + 1: its readers)
+      // wait for routing's flag that x is settled, not for routing; the pair's last CTA past here
+      // clears the flag and the count for the next call (the next routing runs after this launch)
+      if (tid == 0) await_count(p.moe_early, 1, p.moe_early + 1, gridDim.x);
       __syncthreads();
     } else {
       // launched dependent on the grouping or routing (sm_90): its tiles or ids are read next; once
@@ -290,29 +258,16 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     for (int c = tid; c < K / 8; c += DTHREADS) cp_async16(sb + p.sm_nw + c * 16, p.norm_w + c * 8);
   }
   cp_async_commit();
-  __shared__ float s_rw;  // down at one token: the pair's routing weight, loaded beside its id
-  int seen = 0;           // down at one token (thread 0): a first read of the pair's gate+up count
   if constexpr (MOE) {
     if (direct) {
-      // (from L2: routing may have stored them during this launch, moe_early_ids)
       const long long id = pre            ? p.moe_pre_id
-                           : p.ids_i64 ? __ldcg(static_cast<const long long*>(p.moe_ids) + row0)
-                                       : __ldcg(static_cast<const int*>(p.moe_ids) + row0);
-      if (EPI == EPI_DOWN && tid == 0) {
-        // the count read with the id and weight (one round trip for a pair whose gate+up is done: the
-        // last pairs' CTAs, which enter as it ends)
-        const float rw = p.rw_f32 ? __ldcg(static_cast<const float*>(p.moe_rw) + row0)
-                                  : bits_to_float(__ldcg(static_cast<const uint16_t*>(p.moe_rw) + row0), BF16);
-        seen = ld_acquire(p.moe_ready + row0);
-        s_rw = rw;
-      }
+                           : p.ids_i64 ? static_cast<const long long*>(p.moe_ids)[row0]
+                                       : static_cast<const int*>(p.moe_ids)[row0];
       expert = id >= 0 && id < p.moe_E ? (int)id : -1;
     }
   }
   if (MOE && expert < 0) {  // an id of no expert: nothing to compute; down counts its zero slot as arrived
     cp_async_wait<0>();     // no copy may outlive the CTA's shared memory
-    if (tid == 0) s_before = before;
-    done_reading();
     if constexpr (EPI == EPI_DOWN) {
       __shared__ int s_tok;
       pdl_wait();  // the slots and counters of the launch before are settled
@@ -364,7 +319,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
       // its own wait before any down CTA starts (the dependent launch), so what it read is settled,
       // and down's last store to out needs every pair here: gate+up has read x by then. The pair's
       // last reader zeroes both counts for the next call.
-      if (tid == 0) before = await_count(p.moe_ready + row0, p.moe_ready_target, p.moe_ready + p.topk + row0, seen);
+      if (tid == 0) await_count(p.moe_ready + row0, p.moe_ready_target, p.moe_ready + p.topk + row0, ntiles);
       __syncthreads();
     } else {
       pdl_wait();
@@ -460,7 +415,6 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
   // are never stored), k offset 8 (lane >> 3) = matrix lane >> 3
   const uint32_t xl = sb + (min(lane & 7, rows - 1) * xstride + (lane >> 3) * 8) * 2;
   const int hus = gshift == 5, nm = nkb << hus;  // meta units a block (log2), of the slice
-  if (tid == 0) s_before = before;  // (the atomic was issued a round trip or more ago)
   cp_async_wait<RB>();  // group B: the scales
   __syncthreads();
 #pragma unroll 1
@@ -607,7 +561,6 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
     __shared__ int s_token[DECODE_MAX_M];
     auto val = [&](int m, int c) { return reduced(c >> 4, c & 15, m); };
     if constexpr (EPI == EPI_GATE_UP) {
-      done_reading();
       moe_gate_up_store<BF16, DTHREADS>(p, rows, n0, nrow, pair_of, val);
       if (direct) {  // one more of this pair's CTAs has stored (the fence pattern of the split-K fixup)
         __syncthreads();
@@ -617,9 +570,7 @@ __global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params 
         }
       }
     } else {
-      done_reading();
-      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, ntiles, pair_of, val, s_token,
-                                     direct ? &s_rw : nullptr);
+      moe_down_store<BF16, DTHREADS>(p, rows, n0, nrow, ntile, ntiles, pair_of, val, s_token);
     }
     M3E_TRACE_OUT(EPI)
     return;
