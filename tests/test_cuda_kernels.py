@@ -60,16 +60,19 @@ def test_nvcc_compiles_every_cu(tmp_path):
 
 
 @pytest.mark.slow
-def test_nvcc_compiles_the_trace_build(tmp_path):
-    """bench/cta_trace.cu (the kernels with -DM3E_TRACE, one translation unit, and the harness) compiles
-    for every target card with warnings as errors. Register spills are allowed there only: the trace's
-    stamps cost the affine MoE down kernel (64 registers without them) 4 bytes of spill in this
-    profiling build; the product's kernels are held to no spill above."""
+@pytest.mark.parametrize("tool", ["cta_trace.cu", "stream_probe.cu"])
+def test_nvcc_compiles_the_bench_tools(tmp_path, tool):
+    """The profiling tools under bench/ compile for every target card with warnings as errors:
+    cta_trace.cu (the kernels with -DM3E_TRACE, one translation unit, and the harness) and
+    stream_probe.cu (the weight ring alone). Register spills are allowed there only: the trace's stamps
+    cost the affine MoE down kernel (64 registers without them) 4 bytes of spill in that profiling
+    build; the product's kernels are held to no spill above."""
     nvcc = _nvcc()
-    src = Path(__file__).resolve().parents[1] / "bench" / "cta_trace.cu"
+    src = Path(__file__).resolve().parents[1] / "bench" / tool
     flags = NVCC_FLAGS[:-2] + ["-Xptxas", "-warn-double-usage,-Werror"]  # the ptxas flags without the spill ones
-    r = subprocess.run([nvcc, *flags, *TARGETS, "--threads", "0", "-DM3E_TRACE", f"-I{CUDA_DIR}", "-c", str(src),
-                        "-o", str(tmp_path / "cta_trace.o")], capture_output=True, text=True, check=False)
+    trace = ["-DM3E_TRACE"] if tool == "cta_trace.cu" else []
+    r = subprocess.run([nvcc, *flags, *TARGETS, "--threads", "0", *trace, f"-I{CUDA_DIR}", "-c", str(src),
+                        "-o", str(tmp_path / (src.stem + ".o"))], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and not r.stderr.strip(), f"nvcc {' '.join(ARCHS)} {src.name}:\n{r.stderr}"
 
 

@@ -1,0 +1,144 @@
+// The weight stream alone, as the decode kernel moves it (a profiling tool, not a test): each warp of a
+// 16-warp CTA reads its contiguous share of 512-byte blocks through a per-lane cp.async ring DU blocks
+// deep (w4a16_decode.cuh's K loop without the math: each block's 16 bytes a lane are folded into a
+// checksum), for a fixed total of bytes cut into different CTA counts. It asks what a launch of that
+// shape can stream at all: the one-token MoE pair today is 432 + 288 CTAs in two dependent launches
+// (gate+up 128 KB a CTA, down 101 KB); a pair fused into one launch would be 216-264 CTAs of 330-400
+// KB each, one wave. Every call reads fresh DRAM (calls rotate over buffers past the L2's size); CUDA
+// graph of the calls, timed by events; GB/s and % of the device-to-device copy rate measured the same way.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 -Inative/cuda bench/stream_probe.cu -o /tmp/stream_probe && /tmp/stream_probe
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "ptx.cuh"
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    const cudaError_t e_ = (x);                                                                \
+    if (e_ != cudaSuccess) {                                                                   \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));       \
+      exit(1);                                                                                 \
+    }                                                                                          \
+  } while (0)
+
+constexpr int WARPS = 16;
+
+// blocks: 512-byte blocks per warp (a warp's share, contiguous). DU: the ring's depth, blocks per warp.
+template <int DU>
+__global__ void __launch_bounds__(WARPS * 32, 2) stream(const uint4* w, int blocks, unsigned* sink) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const uint4* src = w + ((size_t)(blockIdx.x * WARPS + warp) * blocks) * 32 + lane;
+  const uint32_t ring = m3e::smem_u32(smem) + (warp * DU * 32 + lane) * 16;
+#pragma unroll
+  for (int u = 0; u < DU; ++u) {
+    if (u < blocks) m3e::cp_async16(ring + u * 512, src + u * 32);
+    m3e::cp_async_commit();
+  }
+  unsigned acc = 0;
+  for (int i0 = 0; i0 < blocks; i0 += DU) {
+#pragma unroll
+    for (int u = 0; u < DU; ++u) {
+      if (i0 + u < blocks) {
+        m3e::cp_async_wait<DU - 1>();
+        const uint4 v = m3e::lds_u4(ring + u * 512);
+        acc ^= v.x + v.y * 3u + v.z * 5u + v.w * 7u;
+        if (i0 + u + DU < blocks) m3e::cp_async16(ring + u * 512, src + (size_t)(i0 + u + DU) * 32);
+      }
+      m3e::cp_async_commit();
+    }
+  }
+  m3e::cp_async_wait<0>();
+  if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;  // (never, in practice: keeps the loads alive)
+}
+
+__global__ void fill(uint32_t* p, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    p[i] = (uint32_t)(i * 2654435761u);
+}
+
+// us a call: `calls` launches captured in a graph, rotating over `sets` buffers of `bytes`
+template <typename Launch>
+static float time_graph(Launch launch, int sets, int calls, cudaStream_t s) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  for (int c = 0; c < calls; ++c) launch(c % sets);
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  CK(cudaGraphLaunch(ge, s));  // warm
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaEventRecord(a, s));
+  for (int r = 0; r < 5; ++r) CK(cudaGraphLaunch(ge, s));
+  CK(cudaEventRecord(b, s));
+  CK(cudaEventSynchronize(b));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  return ms * 1e3f / (5 * calls);
+}
+
+int main() {
+  int dev = 0, sms = 0, l2 = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  cudaStream_t s;
+  CK(cudaStreamCreate(&s));
+  // the M3-Lite MoE pair at one token: 9 experts x 9.73 MB (rounded to whole warps' shares below)
+  const size_t total = 9ull * 9732096;
+  const int sets = 6;  // 6 x 87.6 MB rotating, past a 50 MB L2
+  uint4* w = nullptr;
+  const size_t cap = total + (64u << 20);
+  CK(cudaMalloc(&w, cap * sets));
+  fill<<<1024, 256>>>(reinterpret_cast<uint32_t*>(w), cap * sets / 4);
+  unsigned* sink = nullptr;
+  CK(cudaMalloc(&sink, 1 << 20));
+  CK(cudaDeviceSynchronize());
+
+  // the copy rate, as bench/kernels.py measures it (one set copied into the next)
+  const float copy_us = time_graph(
+      [&](int i) {
+        CK(cudaMemcpyAsync(reinterpret_cast<char*>(w) + ((i + 1) % sets) * cap, reinterpret_cast<char*>(w) + i * cap,
+                           total, cudaMemcpyDeviceToDevice, s));
+      },
+      sets, 24, s);
+  const double copy_gbs = 2.0 * total / (copy_us * 1e3);  // read + write
+  printf("device: %d SMs, L2 %d MB; copy of %.1f MB: %.1f us = %.0f GB/s (read + write)\n", sms, l2 >> 20,
+         total / 1e6, copy_us, copy_gbs);
+  printf("| CTAs | KB a CTA | ring (blocks a warp) | us | GB/s | %% of copy |\n|---|---|---|---|---|---|\n");
+
+  auto run = [&](int ctas, int du) {
+    const int blocks = (int)(total / 512 / ((size_t)ctas * WARPS));  // per warp
+    const size_t bytes = (size_t)ctas * WARPS * blocks * 512;
+    const int smem = WARPS * du * 512;
+    float us = 0;
+    auto go = [&](auto kern) {
+      CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      us = time_graph(
+          [&](int i) {
+            kern<<<ctas, WARPS * 32, smem, s>>>(reinterpret_cast<const uint4*>(reinterpret_cast<char*>(w) + i * cap),
+                                                blocks, sink);
+            CK(cudaGetLastError());
+          },
+          sets, 24, s);
+    };
+    if (du == 4) go(stream<4>);
+    else if (du == 8) go(stream<8>);
+    else go(stream<2>);
+    const double gbs = bytes / (us * 1e3);
+    printf("| %d | %.0f | %d | %.1f | %.0f | %.0f %% |\n", ctas, bytes / 1024.0 / ctas, du, us, gbs,
+           100.0 * gbs / copy_gbs);
+  };
+  // the pair's two launches' shapes (as if their bytes streamed with no dependency), a fused pair's
+  // one wave (216: 24 CTAs a pair of 8 slabs; 264: every slot), many small CTAs (the lm_head's kind)
+  for (int du : {4, 8})
+    for (int ctas : {216, 264, 432, 720, 1056, 4224}) run(ctas, du);
+  run(264, 2);
+  return 0;
+}
