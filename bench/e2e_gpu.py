@@ -201,8 +201,8 @@ def set_slabs(be: CudaBackend, gu: int, dn: int) -> None:
 def slabs_arg(v: str) -> str:
     """--slabs GU/DN, refused here rather than after the model has loaded."""
     gu, _, dn = v.partition("/")
-    if not (gu in ("0", "2", "4", "8", "16") and dn in ("0", "1", "2", "4", "8", "16")):
-        raise argparse.ArgumentTypeError(f"{v!r}: GU/DN with GU in 0, 2, 4, 8, 16 and DN in 0, 1, 2, 4, 8, 16")
+    if not (gu in ("0", "2", "4", "8") and dn in ("0", "1", "2", "4", "8")):
+        raise argparse.ArgumentTypeError(f"{v!r}: GU/DN with GU in 0, 2, 4, 8 and DN in 0, 1, 2, 4, 8")
     return v
 
 
@@ -453,7 +453,7 @@ def main() -> None:
                          "gate+up after routing instead of during it")
     ap.add_argument("--slabs", nargs="*", default=[], metavar="GU/DN", type=slabs_arg,
                     help="also time decode with the one-token MoE pair's slabs per CTA forced (gate+up / down, e.g. "
-                         "8/8; 0 = the plan's)")
+                         "4/8; 0 = the plan's)")
     ap.add_argument("--profile", action="store_true", help="only list the kernels of one decode step")
     ap.add_argument("--timeline", action="store_true",
                     help="only time the kernels of one replay of the first --only preset's decode graph, and the gaps "

@@ -299,10 +299,10 @@ std::string moe_w4a16(const at::Tensor& x, const at::Tensor& ids, const at::Tens
   CHECK_MOE(!early || (pre_id >= 0 && is_flag_pair(*early)),
             "early needs pre_id and must be int32 [2] (zero before the first call), got ",
             early ? desc(*early) : std::string());
-  CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8 || ns_gu == 16,
-            "ns_gu must be 0 (automatic), 2, 4, 8 or 16, got ", ns_gu);
-  CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8 || ns_dn == 16,
-            "ns_dn must be 0 (automatic), 1, 2, 4, 8 or 16, got ", ns_dn);
+  CHECK_MOE(ns_gu == 0 || ns_gu == 2 || ns_gu == 4 || ns_gu == 8,
+            "ns_gu must be 0 (automatic), 2, 4 or 8, got ", ns_gu);
+  CHECK_MOE(ns_dn == 0 || ns_dn == 1 || ns_dn == 2 || ns_dn == 4 || ns_dn == 8,
+            "ns_dn must be 0 (automatic), 1, 2, 4 or 8, got ", ns_dn);
   CHECK_MOE(mma_rows == 0 || mma_rows == -1 || mma_rows == 16 || mma_rows == 32 || mma_rows == 64,
             "mma_rows must be 0 (automatic), -1 (the decode kernel), 16, 32 or 64, got ", mma_rows);
   CHECK_MOE(mma_rows <= 0 || (ns_gu == 0 && ns_dn == 0), "ns_gu / ns_dn choose the decode kernel's slabs per CTA;",

@@ -140,10 +140,10 @@ static int moe_tile(int N, int K, int gshift, bool affine, int ns_req, Slabs pre
 
 using namespace m3e::w4;
 
-// Defaults, from the sweep at H = 4096, I = 1536 (NOTES.md, MoE): down 8 slabs per CTA (its K = I =
-// 1536 is 24 blocks: 12 per warp rather than 1.5 with one slab; 8 beat 4 by 4-13 us at T = 1..16);
-// gate+up 4 slabs up to 4 tokens (token tiles of 2 rows fit then; 2-4 us faster), else 2 (tiles of
-// 4 rows, 34 us faster at T = 16).
+// Defaults, from the sweeps at H = 4096, I = 1536 (NOTES.md, MoE and R24): gate+up 2 slabs per CTA,
+// down 4 (its K = I = 1536 is 24 blocks: 12 per warp of the 8-warp CTA, as 8 slabs of the 16-warp
+// CTA had, which beat 4 by 4-13 us at T = 1..16 then). At one token, in a graph: 2/4 40.2 us, 4/4
+// 41.1, 2/8 41.6, 2/2 42.8, 4/8 43.8 (the 16-warp CTA's 4/8 43.1).
 //
 // The tile kernel from 5 pairs per expert on average, 16-row tiles up to 16 pairs, 32-row tiles
 // beyond (the sweep in NOTES.md, MoE prefill: 64-row tiles, one CTA per SM, were slower at every size).
@@ -179,10 +179,10 @@ extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int
     return M3E_OK;
   }
   plan->mma_rows = 0;
-  int rc = moe_tile(2 * I, H, gshift, affine != 0, ns_gu_req, T <= 4 ? Slabs{{4, 2, 0, 0}} : Slabs{{2, 4, 0, 0}}, true,
+  int rc = moe_tile(2 * I, H, gshift, affine != 0, ns_gu_req, Slabs{{2, 4, 0, 0}}, true,
                     &plan->ns_gu, &plan->mr_gu);
   if (rc != M3E_OK) return rc;
-  rc = moe_tile(H, I, gshift, affine != 0, ns_dn_req, Slabs{{8, 4, 2, 1}}, false, &plan->ns_dn, &plan->mr_dn);
+  rc = moe_tile(H, I, gshift, affine != 0, ns_dn_req, Slabs{{4, 8, 2, 1}}, false, &plan->ns_dn, &plan->mr_dn);
   if (rc != M3E_OK) return rc;
   plan->tiles_gu = tile_bound(n, E, plan->mr_gu);
   plan->tiles_dn = tile_bound(n, E, plan->mr_dn);

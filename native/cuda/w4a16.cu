@@ -30,18 +30,17 @@ extern "C" const char* m3e_error_string(int code) {
   }
 }
 
-// Decode plan: NS slabs per CTA, then the split count. Two slabs per CTA (8 blocks per warp) where
-// that still gives a CTA to at least half of the SMs and one K slice fits the shared memory: the
-// warps' fixed costs (staging, scale expansion, reduction) are then spread over twice the blocks,
-// and x is staged once for 32 rows (NOTES.md v10: 10.6 against 12.2 us at 4096 x 4096). Else one
-// slab, and split-K only below half of the SMs (the fixup's extra L2 round trips cost more than
-// idle SMs); then as many slices as the shared memory needs.
+// Decode plan: NS slabs per CTA, then the split count. One slab per CTA (R24): its 8 warps take 8
+// blocks each at K = 4096, as two slabs of the 16-warp CTA did (NOTES.md v10: two slabs were 10.6
+// against 12.2 us at 4096 x 4096 then), and four CTAs an SM overlap their fixed phases. Split-K only
+// below half of the SMs (the fixup's extra L2 round trips cost more than idle SMs); then as many
+// slices as the shared memory needs.
 static int decode_plan(int M, int N, int K, int gshift, bool affine, int sms, int splits_req, int ns,
                        m3e_w4a16_plan_t* plan) {
   if (M > DECODE_MAX_M) return M3E_ERR_ARG;
   const int kb = K / 64, G = gshift == 31 ? 1 : K >> gshift;
   auto fits = [&](int n, int cps) { return DecodeSmem(M, n, cps, gshift, G, affine, false).total <= DECODE_SMEM_MAX; };
-  if (ns == 0) ns = 2 * (N / 32) >= sms && fits(2, kb) ? 2 : 1;  // N % 64 == 0: ns in {1, 2, 4} divides N / 16
+  if (ns == 0) ns = 1;  // (a request: N % 64 == 0, so ns in {1, 2, 4} divides N / 16)
   const int gx = N / 16 / ns;
   int splits = splits_req > 0 ? splits_req : 2 * gx >= sms ? 1 : (sms + gx - 1) / gx;
   if (splits > kb) splits = kb;

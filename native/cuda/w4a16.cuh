@@ -612,13 +612,17 @@ __global__ void __launch_bounds__(THREADS, MT == 1 && !HAS_MIN ? MIN_CTAS_DECODE
 }
 
 // > 48 KB of dynamic shared memory needs an opt-in per kernel; done once per process and device
-// (`opted`: the kernel's own flags).
+// (`opted`: the kernel's own flags). max_carveout: also ask for the largest shared-memory share of
+// the SM's L1 (the decode kernel: four CTAs of up to ~55 KB an SM; its loads bypass L1 anyway).
 template <typename Kern>
-int opt_in_smem(Kern kern, int bytes, bool* opted) {
+int opt_in_smem(Kern kern, int bytes, bool* opted, bool max_carveout = false) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return M3E_ERR_CUDA;
   if (dev < 64 && !opted[dev]) {
     if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+      return M3E_ERR_CUDA;
+    if (max_carveout && cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             cudaSharedmemCarveoutMaxShared) != cudaSuccess)
       return M3E_ERR_CUDA;
     opted[dev] = true;
   }

@@ -13,11 +13,11 @@
 // times larger than the result, so the fp32 rounding is ~2^-19 relative rather than ~2^-24 (the
 // parity bound is 1e-3).
 //
-//   grid = (N / (16 NS), splits); CTA = 16 warps = NS slabs (16 rows of N) x WK = 16 / NS warps along K
+//   grid = (N / (16 NS), splits); CTA = 8 warps = NS slabs (16 rows of N) x WK = 8 / NS warps along K
 //
 //            the CTA's K slice in 64-k blocks (one slab's blocks are contiguous, 512 B each)
 //           +----+----+----+----+----+----+----+----+----+----+ ...
-//   slab 0  | w0 | w1 | .. | w15| w0 | w1 | .. | w15| w0 | .. |        NS = 1, WK = 16
+//   slab 0  | w0 | w1 | .. | w7 | w0 | w1 | .. | w7 | w0 | .. |        NS = 1, WK = 8
 //           +----+----+----+----+----+----+----+----+----+----+
 //   x[M][slice] in shared memory (cp.async, once) -> ldmatrix.x4 -> B fragments (2 per block)
 //   C fragments of the WK warps of a slab -> shared memory -> summed in warp order -> out; with
@@ -34,11 +34,16 @@
 namespace m3e {
 namespace w4 {
 
-// Blocks in flight per warp (2 KB; 32 KB per CTA) and warps per CTA: 8 in flight or 8 warps per CTA
-// measured the same (NOTES.md v10).
+// Blocks in flight per warp (2 KB; 16 KB per CTA): 8 measured the same (NOTES.md v10), 2 and 3 slower
+// (R22). Warps per CTA and CTAs per SM: 8 and 4 (R24; the registers allow 1024 threads an SM at 64
+// a thread). With 16 warps, two an SM, the same warps ran half as many CTAs at once, and a decode
+// launch is set by its CTAs' fixed phases (the wait, the expert id, the scales' round trip, the
+// reduction and stores: NOTES.md "CTA timelines"), which twice the CTAs overlap: the one-token MoE
+// pair 43-44 -> 40-42 us, lite-24g 379 -> 399 tok/s. 4 warps, eight an SM, was slower (364).
 constexpr int DU = 4;
-constexpr int DWARPS = 16;  // 16 / NS warps along K per slab
+constexpr int DWARPS = 8;  // 8 / NS warps along K per slab
 constexpr int DTHREADS = DWARPS * 32;
+constexpr int DECODE_CTAS_PER_SM = 4;  // __launch_bounds__: 64 registers a thread
 constexpr int DECODE_MAX_M = 8;   // one 8-column B tile; the tile kernel is faster from M = 9 (NOTES.md v10)
 constexpr int DECODE_SMEM_MAX = 96 << 10;  // fits the 99 KB a block may have on sm_86/sm_89
 // The plan's limit on x (M K 2 bytes) for the decode kernel: every CTA stages all of its K slice, and
@@ -151,7 +156,7 @@ __device__ __forceinline__ void await_count(int* count, int target, int* readers
 
 // BF16: activation dtype. AFFINE: w = u s + m with u = q + 8 in [0, 15]: the float-minimum form, and
 // the zero-point form with m = -s (z + 8); m sum_k x is added per scale unit from the same sums of x
-// that correct the A fragment. 2 CTAs per SM: 64 registers.
+// that correct the A fragment. 4 CTAs per SM: 64 registers.
 // EPI: the epilogue (Epilogue); the MoE ones read their rows and expert from the tile list (or, with
 // none, their one pair's expert from the ids).
 // W8: a symmetric int8 W (the GEMM only) as two int4 planes read in one pass: q = 16 (u_hi - 8 + u_lo /
@@ -162,7 +167,7 @@ __device__ __forceinline__ void await_count(int* count, int target, int* readers
 // fragments, started at -(17 C / 16 + 8) sum_k x: sums as large as the int4 form's, so the same
 // rounding. A ring block is then the two planes' 512 bytes.
 template <bool BF16, bool AFFINE, int EPI, bool W8 = false>
-__global__ void __launch_bounds__(DTHREADS, 2) w4a16_decode_kernel(const Params p) {
+__global__ void __launch_bounds__(DTHREADS, DECODE_CTAS_PER_SM) w4a16_decode_kernel(const Params p) {
   static_assert(!W8 || (!AFFINE && EPI == EPI_GEMM), "W8: the symmetric GEMM only");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_last;
@@ -614,7 +619,7 @@ template <bool BF16, bool AFFINE, int EPI = EPI_GEMM, bool W8 = false>
 int launch_decode(const Params& p, dim3 grid, int smem, cudaStream_t stream, bool pdl = false) {
   auto kern = w4a16_decode_kernel<BF16, AFFINE, EPI, W8>;
   static bool opted[64] = {};
-  if (int rc = opt_in_smem(kern, DECODE_SMEM_MAX, opted); rc != M3E_OK) return rc;
+  if (int rc = opt_in_smem(kern, DECODE_SMEM_MAX, opted, true); rc != M3E_OK) return rc;
   return launch_kernel(kern, grid, dim3(DTHREADS), smem, stream, pdl, p) == cudaSuccess ? M3E_OK : M3E_ERR_CUDA;
 }
 
