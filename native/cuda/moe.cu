@@ -140,10 +140,11 @@ static int moe_tile(int N, int K, int gshift, bool affine, int ns_req, Slabs pre
 
 using namespace m3e::w4;
 
-// Defaults, from the sweeps at H = 4096, I = 1536 (NOTES.md, MoE and R24): gate+up 2 slabs per CTA,
-// down 4 (its K = I = 1536 is 24 blocks: 12 per warp of the 8-warp CTA, as 8 slabs of the 16-warp
-// CTA had, which beat 4 by 4-13 us at T = 1..16 then). At one token, in a graph: 2/4 40.2 us, 4/4
-// 41.1, 2/8 41.6, 2/2 42.8, 4/8 43.8 (the 16-warp CTA's 4/8 43.1).
+// Defaults, from the sweeps at H = 4096, I = 1536 (NOTES.md, MoE and R24), gate+up / down slabs per
+// CTA: down 4 (its K = I = 1536 is 24 blocks: 12 per warp of the 8-warp CTA, as 8 slabs of the 16-warp
+// CTA had, which beat 4 by 4-13 us at T = 1..16 then); gate+up 2 at one token (the runtime's 9-slot
+// call in a graph: 2/4 40.3 us, 4/4 41.0, 2/8 41.5, 2/2 42.9; the 16-warp CTA's 4/8 43.4), else 4
+// (flushed, T = 4: 4/4 115.5 us against 2/4 124.6; T = 16: 198.0 against 221.1).
 //
 // The tile kernel from 5 pairs per expert on average, 16-row tiles up to 16 pairs, 32-row tiles
 // beyond (the sweep in NOTES.md, MoE prefill: 64-row tiles, one CTA per SM, were slower at every size).
@@ -179,8 +180,8 @@ extern "C" int m3e_moe_plan(int T, int topk, int E, int H, int I, int group, int
     return M3E_OK;
   }
   plan->mma_rows = 0;
-  int rc = moe_tile(2 * I, H, gshift, affine != 0, ns_gu_req, Slabs{{2, 4, 0, 0}}, true,
-                    &plan->ns_gu, &plan->mr_gu);
+  const Slabs gu_pref = T == 1 ? Slabs{{2, 4, 0, 0}} : Slabs{{4, 2, 0, 0}};
+  int rc = moe_tile(2 * I, H, gshift, affine != 0, ns_gu_req, gu_pref, true, &plan->ns_gu, &plan->mr_gu);
   if (rc != M3E_OK) return rc;
   rc = moe_tile(H, I, gshift, affine != 0, ns_dn_req, Slabs{{4, 8, 2, 1}}, false, &plan->ns_dn, &plan->mr_dn);
   if (rc != M3E_OK) return rc;
