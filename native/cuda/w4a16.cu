@@ -40,7 +40,7 @@ static int decode_plan(int M, int N, int K, int gshift, bool affine, int sms, in
   if (M > DECODE_MAX_M) return M3E_ERR_ARG;
   const int kb = K / 64, G = gshift == 31 ? 1 : K >> gshift;
   auto fits = [&](int n, int cps) { return DecodeSmem(M, n, cps, gshift, G, affine, false).total <= DECODE_SMEM_MAX; };
-  if (ns == 0) ns = 1;  // (a request: N % 64 == 0, so ns in {1, 2, 4} divides N / 16)
+  if (ns == 0) ns = 1;  // or as requested: 1, 2 or 4 (N % 64 == 0, so each divides N / 16)
   const int gx = N / 16 / ns;
   int splits = splits_req > 0 ? splits_req : 2 * gx >= sms ? 1 : (sms + gx - 1) / gx;
   if (splits > kb) splits = kb;
