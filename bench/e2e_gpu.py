@@ -211,23 +211,31 @@ def run_cuda(name: str, be: CudaBackend, bw: float, ab: list[str] = (), slabs: l
     cache = be.new_cache()
     prompt = text_prompt(cfg, 32)
     logits = prefill(be, prompt, cache)
-    pos = int(prompt.position_ids.max()) + 1
+    pos0 = pos = int(prompt.position_ids.max()) + 1
+    logits0 = logits
     step_tps, graph_us, logits, pos = decode_rate(be, cache, logits, pos)
     nbytes = decode_bytes(be, pos)
     roof = bw * 1e9 / nbytes
 
+    def again() -> tuple[torch.Tensor, int]:
+        """The cache back to the prompt's end, so that an A/B row decodes the same positions (and the same
+        power-of-two graph length, which sets the attention's work) as the row it is compared with."""
+        cache.truncate(pos0, torch.zeros(1, dtype=torch.bool))
+        cache.graphs.clear()
+        return logits0, pos0
+
     row = {"model": name, "backend": "cuda int4", "graph_tps": 1e6 / graph_us, "step_tps": step_tps,
            "roofline_tps": roof, "bytes_per_token": nbytes, "graph_us": graph_us}
-    for feature in ab:  # the same cache and positions on, with one fusion off
+    for feature in ab:  # the same positions again, with one fusion off
         set_feature(be, feature, False)
-        cache.graphs.clear()
+        logits, pos = again()
         off_step, off_us, logits, pos = decode_rate(be, cache, logits, pos)
         set_feature(be, feature, True)
         cache.graphs.clear()
         row[f"without_{feature}"] = {"graph_tps": 1e6 / off_us, "step_tps": off_step}
     for sl in slabs:  # the one-token MoE pair with forced slabs per CTA "GU/DN" (0 = the plan's)
         set_slabs(be, *(int(v) for v in sl.split("/")))
-        cache.graphs.clear()
+        logits, pos = again()
         sl_step, sl_us, logits, pos = decode_rate(be, cache, logits, pos)
         row.setdefault("slabs", {})[sl] = {"graph_tps": 1e6 / sl_us, "step_tps": sl_step}
     if slabs:
