@@ -2,10 +2,12 @@
 // 16-warp CTA reads its contiguous share of 512-byte blocks through a per-lane cp.async ring DU blocks
 // deep (w4a16_decode.cuh's K loop without the math: each block's 16 bytes a lane are folded into a
 // checksum), for a fixed total of bytes cut into different CTA counts. It asks what a launch of that
-// shape can stream at all: the one-token MoE pair today is 432 + 288 CTAs in two dependent launches
-// (gate+up 128 KB a CTA, down 101 KB); a pair fused into one launch would be 216-264 CTAs of 330-400
-// KB each, one wave. Every call reads fresh DRAM (calls rotate over buffers past the L2's size); CUDA
-// graph of the calls, timed by events; GB/s and % of the device-to-device copy rate measured the same way.
+// shape can stream at all (the one-token MoE pair was 432 + 288 CTAs in two dependent launches before
+// R24; a pair fused into one launch would be 216-264 CTAs of 330-400 KB each, one wave), and what one
+// L2 round trip costs meanwhile (a 17th warp's chain of L2 hits), with the ring filled by cp.async or
+// by Hopper's bulk copy engine. Every call reads fresh DRAM (calls rotate over buffers past the L2's
+// size); CUDA graph of the calls, timed by events; GB/s and % of the device-to-device copy rate measured
+// the same way.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -Inative/cuda bench/stream_probe.cu -o /tmp/stream_probe && /tmp/stream_probe
 #include <cstdio>
@@ -52,16 +54,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
 
 // blocks: 512-byte blocks per warp (a warp's share, contiguous). DU: the ring's depth, blocks per warp.
 // BULK: the ring filled by the bulk copy engine (one request a block by lane 0, an mbarrier a slot) in
-// place of 32 lanes' cp.async. With chase (an extra, 17th warp), its lane 0 walks `hops` dependent
-// 4-byte loads (.cg: from L2) through a small cycle every CTA reads, while the ring streams, and leaves
-// the mean ns a hop in lat[CTA]: what one round trip of the decode kernel's control loads (an expert
-// id, a count, x) costs under the stream.
+// place of 32 lanes' cp.async. A 17th warp (every launch has it) streams nothing: its lane 0 walks
+// `hops` dependent 4-byte loads (.cg: from L2) through a small cycle every CTA reads, while the ring
+// streams, and leaves the mean ns a hop in lat[CTA]: what one round trip of the decode kernel's control
+// loads (an expert id, a count, x) costs under the stream.
 template <int DU, bool BULK>
 __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
     stream(const uint4* w, int blocks, unsigned* sink, const unsigned* chase, int hops, float* lat) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp == WARPS) {  // the chase warp (launched only with chase)
+  if (warp == WARPS) {  // the chase warp
     if (lane == 0) {
       unsigned cur = blockIdx.x & 1023, t0, t1;
       asm volatile("mov.u32 %0, %%globaltimer_lo;" : "=r"(t0));
@@ -99,7 +101,8 @@ __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
           const uint4 v = m3e::lds_u4(ring + u * 512);
           acc ^= v.x + v.y * 3u + v.z * 5u + v.w * 7u;
           __syncwarp();  // every lane has read the slot before it is refilled
-          if (lane == 0 && i0 + u + DU < blocks) bulk512(slot0 + u * 512, wsrc + (size_t)(i0 + u + DU) * 32, bar0 + u * 8);
+          if (lane == 0 && i0 + u + DU < blocks)
+            bulk512(slot0 + u * 512, wsrc + (size_t)(i0 + u + DU) * 32, bar0 + u * 8);
         }
       }
     }
@@ -196,8 +199,8 @@ int main() {
   CK(cudaMemcpy(chase, cyc.data(), 1024 * 4, cudaMemcpyHostToDevice));
   const int hops = 8;
 
-  printf("| ring | CTAs | KB a CTA | blocks a warp in flight | us | GB/s | %% of copy | L2 hop ns under it (median / p90) |\n"
-         "|---|---|---|---|---|---|---|---|\n");
+  printf("| ring | CTAs | KB a CTA | blocks a warp in flight | us | GB/s | %% of copy | L2 hop ns under it "
+         "(median / p90) |\n|---|---|---|---|---|---|---|---|\n");
   auto run = [&](int ctas, int du, bool bulk, bool idle) {
     const int blocks = idle ? 0 : (int)(total / 512 / ((size_t)ctas * WARPS));  // per warp
     const size_t bytes = (size_t)ctas * WARPS * blocks * 512;
