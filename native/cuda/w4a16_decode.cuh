@@ -43,7 +43,7 @@ namespace w4 {
 constexpr int DU = 4;
 constexpr int DWARPS = 8;  // 8 / NS warps along K per slab
 constexpr int DTHREADS = DWARPS * 32;
-constexpr int DECODE_CTAS_PER_SM = 4;  // __launch_bounds__: 64 registers a thread
+constexpr int DECODE_CTAS_PER_SM = 1024 / DTHREADS;  // __launch_bounds__: 64K registers, 64 a thread
 constexpr int DECODE_MAX_M = 8;   // one 8-column B tile; the tile kernel is faster from M = 9 (NOTES.md v10)
 constexpr int DECODE_SMEM_MAX = 96 << 10;  // fits the 99 KB a block may have on sm_86/sm_89
 // The plan's limit on x (M K 2 bytes) for the decode kernel: every CTA stages all of its K slice, and
