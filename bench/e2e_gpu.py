@@ -3,7 +3,8 @@
 Run on the GPU machine (weights are made on the GPU, nothing is read from disk):
     PYTHONPATH=. python3 bench/e2e_gpu.py [--out DIR] [--smollm2 DIR]
 
-Rows: `lite-24g` and `lite-16g` with random int4 weights (group 128, symmetric, bf16 scales; lm_head
+Rows: `lite-24g` and `lite-16g` with random int4 weights (group 128, symmetric or with --zero-points
+asymmetric, bf16 scales; lm_head
 int8 per 128 as `m3edge quantize` writes it; norms, routers and embeddings bf16) on the cuda backend, and the same configs in bf16 through the
 plain torch reference model (the baseline; random bf16 weights, eager, its own KV cache); with
 --smollm2, SmolLM2-135M-Instruct as the GGUF stores it (Q4_1 = int4 g32 + float minimums) on both.
@@ -77,7 +78,7 @@ class RandomInt4:
         module, _, part = name.rpartition(".")
         if part == "weight_shape":
             return torch.tensor(self.weight_shape[module], dtype=torch.int64)
-        if part == "weight_packed":
+        if part in ("weight_packed", "weight_zero_point"):  # any nibbles: q and zero points in range
             return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device="cuda", generator=g)
         if part == "weight_scale":  # ~ a N(0, 0.02) weight's absmax / 7
             return torch.rand(shape, device="cuda", generator=g, dtype=torch.bfloat16).mul_(0.004).add_(0.006)
@@ -87,11 +88,14 @@ class RandomInt4:
         return torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16).mul_(0.02)
 
 
-def int4_config(preset: str) -> M3Config:
+def int4_config(preset: str, symmetric: bool = True) -> M3Config:
+    """The preset with int4 g128 linears (symmetric, or with zero points as `m3edge quantize` writes them
+    without --sym) and the int8 lm_head."""
     raw = dict(PRESETS[preset])
     targets = ["re:model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj$",
                "re:model\\.layers\\.\\d+\\.mlp\\.(experts\\.\\d+|shared_experts)\\.(gate|up|down)_proj$"]
-    raw["quantization_config"] = quantization_config([(Scheme(4, 128, True), targets), (Scheme(8, 128, True), ["lm_head"])],
+    raw["quantization_config"] = quantization_config([(Scheme(4, 128, symmetric), targets),
+                                                      (Scheme(8, 128, True), ["lm_head"])],
                                                      [])
     return M3Config.from_dict(raw)
 
@@ -454,6 +458,9 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2 checkpoint (m3edge import, Q4_1 carried)")
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
+    ap.add_argument("--zero-points", action="store_true",
+                    help="int4 weights with zero points (what `m3edge quantize` writes without --sym) instead of "
+                         "symmetric ones")
     ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post", "early"],
                     help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
@@ -489,11 +496,12 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        be = CudaBackend(cfg=int4_config(preset), source=RandomInt4(int4_config(preset)), max_context=CONTEXT)
+        cfg = int4_config(preset, symmetric=not args.zero_points)
+        be = CudaBackend(cfg=cfg, source=RandomInt4(cfg), max_context=CONTEXT)
         load_s = time.perf_counter() - t0
         load_peak = torch.cuda.max_memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()  # the run's peak from here: weights + cache + scratch
-        row = run_cuda(preset, be, bw, args.ab, args.slabs)
+        row = run_cuda(preset + (" (zero points)" if args.zero_points else ""), be, bw, args.ab, args.slabs)
         row.update(load_s=load_s, load_peak_gib=load_peak, plan_gib=be.plan.total / GIB)
         rows.append(row)
         print(row, flush=True)
