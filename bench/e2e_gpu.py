@@ -459,8 +459,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
     ap.add_argument("--zero-points", action="store_true",
-                    help="int4 weights with zero points (what `m3edge quantize` writes without --sym) instead of "
-                         "symmetric ones")
+                    help="the table's rows with int4 zero points (what `m3edge quantize` writes without --sym) "
+                         "instead of symmetric weights (--timeline, --profile and --load stay symmetric)")
     ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post", "early"],
                     help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
