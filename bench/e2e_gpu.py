@@ -365,7 +365,7 @@ def run_load(preset: str, layers: int, work: Path) -> str:
 
 
 @torch.inference_mode()
-def timeline(preset: str, out: Path | None) -> None:
+def timeline(preset: str, out: Path | None, symmetric: bool = True) -> None:
     """The kernels of one replay of the decode step's CUDA graph (the whole preset, as the benchmark
     runs it), from the profiler's trace: per kernel of a layer (in launch order) the median duration
     over the layers and the median gap from the previous kernel's end to its start (negative: the
@@ -374,7 +374,8 @@ def timeline(preset: str, out: Path | None) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    be = CudaBackend(cfg=int4_config(preset), source=RandomInt4(int4_config(preset)), max_context=CONTEXT)
+    cfg = int4_config(preset, symmetric)
+    be = CudaBackend(cfg=cfg, source=RandomInt4(cfg), max_context=CONTEXT)
     cache = be.new_cache()
     prompt = text_prompt(be.cfg, 32)
     logits = prefill(be, prompt, cache)
@@ -459,8 +460,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["lite-24g", "lite-16g"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 torch baseline")
     ap.add_argument("--zero-points", action="store_true",
-                    help="the table's rows with int4 zero points (what `m3edge quantize` writes without --sym) "
-                         "instead of symmetric weights (--timeline, --profile and --load stay symmetric)")
+                    help="the table's rows and --timeline with int4 zero points (what `m3edge quantize` writes without "
+                         "--sym) instead of symmetric weights (--profile and --load stay symmetric)")
     ap.add_argument("--ab", nargs="*", default=[], choices=["attn", "norm", "post", "early"],
                     help="also time decode with each of these fusions off: attn = rope_qkv + SDPA in place of the "
                          "decode attention kernel, norm = the input RMSNorm in its own launch, post = the second "
@@ -479,7 +480,7 @@ def main() -> None:
                          "--only preset, written under WORK_DIR (removed after)")
     args = ap.parse_args()
     if args.timeline:
-        return timeline(args.only[0], args.out)
+        return timeline(args.only[0], args.out, symmetric=not args.zero_points)
     if args.profile or args.profile_prefill:
         return profile(args.only[0], prefill_media=args.profile_prefill)
     if args.load:

@@ -499,12 +499,13 @@ __global__ void __launch_bounds__(DTHREADS, DECODE_CTAS_PER_SM) w4a16_decode_ker
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float* t = tmp[h];
-      if constexpr (AFFINE) {  // + (m / -C) sx: the half block's m sum_k x
+      if constexpr (AFFINE) {  // + (m / -C) sx: the half block's m sum_k x; two fma a value (written as
+        // acc += s t + m' sx it was a mul, an fma and an add: a third more instructions in the loop)
         const float4 sm = lds128(h ? ma + mh : ma);
-        acc[0] += sm.x * t[0] + sm.z * c[h].x;
-        acc[1] += sm.x * t[1] + sm.z * c[h].y;
-        acc[2] += sm.y * t[2] + sm.w * c[h].x;
-        acc[3] += sm.y * t[3] + sm.w * c[h].y;
+        acc[0] = fmaf(sm.z, c[h].x, fmaf(sm.x, t[0], acc[0]));
+        acc[1] = fmaf(sm.z, c[h].y, fmaf(sm.x, t[1], acc[1]));
+        acc[2] = fmaf(sm.w, c[h].x, fmaf(sm.y, t[2], acc[2]));
+        acc[3] = fmaf(sm.w, c[h].y, fmaf(sm.y, t[3], acc[3]));
       } else {
         const float2 sc = lds64(h ? ma + mh : ma);
         acc[0] += sc.x * t[0];
