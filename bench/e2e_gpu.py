@@ -4,10 +4,10 @@ Run on the GPU machine (weights are made on the GPU, nothing is read from disk):
     PYTHONPATH=. python3 bench/e2e_gpu.py [--out DIR] [--smollm2 DIR]
 
 Rows: `lite-24g` and `lite-16g` with random int4 weights (group 128, symmetric or with --zero-points
-asymmetric, bf16 scales; lm_head
-int8 per 128 as `m3edge quantize` writes it; norms, routers and embeddings bf16) on the cuda backend, and the same configs in bf16 through the
-plain torch reference model (the baseline; random bf16 weights, eager, its own KV cache); with
---smollm2, SmolLM2-135M-Instruct as the GGUF stores it (Q4_1 = int4 g32 + float minimums) on both.
+asymmetric, bf16 scales; lm_head int8 per 128 as `m3edge quantize` writes it; norms, routers and
+embeddings bf16) on the cuda backend, and the same configs in bf16 through the plain torch reference
+model (the baseline; random bf16 weights, eager, its own KV cache); with --smollm2,
+SmolLM2-135M-Instruct as the GGUF stores it (Q4_1 = int4 g32 + float minimums) on both.
 
 Columns:
 - decode tok/s: batch 1, a 32-token text prompt then 128 greedy steps. "graph" times the decode
