@@ -60,11 +60,12 @@ def test_nvcc_compiles_every_cu(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tool", ["cta_trace.cu", "stream_probe.cu"])
+@pytest.mark.parametrize("tool", ["cta_trace.cu", "stream_probe.cu", "layer_probe.cu"])
 def test_nvcc_compiles_the_bench_tools(tmp_path, tool):
     """The profiling tools under bench/ compile for every target card with warnings as errors:
     cta_trace.cu (the kernels with -DM3E_TRACE, one translation unit, and the harness) and
-    stream_probe.cu (the weight ring alone). Register spills are allowed there only: the trace's stamps
+    stream_probe.cu (the weight ring alone) and layer_probe.cu (a decode layer's launches with ideal
+    kernels). Register spills are allowed there only: the trace's stamps
     cost the affine MoE down kernel (64 registers without them) 4 bytes of spill in that profiling
     build; the product's kernels are held to no spill above."""
     nvcc = _nvcc()

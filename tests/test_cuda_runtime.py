@@ -520,13 +520,14 @@ def test_rope_kernel_matches_the_reference(dtype, head_dim, qk_norm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,nh,nkv,qk_norm", [(128, 32, 4, True), (64, 9, 3, False), (256, 4, 4, True),
-                                                     (32, 16, 2, False)])
+                                                     (32, 16, 2, False), (256, 16, 2, True)])
 @pytest.mark.parametrize("pos,keys,on_device", [(0, 1, False), (17, 64, True), (3000, 4096, True), (4095, 4096, False)])
 def test_attn_decode_kernel_matches_the_reference(dtype, head_dim, nh, nkv, qk_norm, pos, keys, on_device):
     """native.attn_decode against native.rope_qkv (tested above against the reference's ops) followed by
     fp32 SDPA over slots 0..pos: the output, the new slot's k and v in the cache, the rest of the cache
     untouched, the counters left zero, a repeat bit-identical. Shapes: M3-Lite's heads (32 / 4, 128),
-    SmolLM2's (9 / 3, 64) and two more head sizes; one chunk, an empty chunk (17 of 64 slots), many chunks."""
+    SmolLM2's (9 / 3, 64) and three more (8 q heads of 256: two output quads a thread in the merge); one
+    chunk, an empty chunk (17 of 64 slots), many chunks."""
     import torch.nn.functional as F
 
     from m3edge.runtime import native

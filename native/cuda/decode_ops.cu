@@ -528,9 +528,24 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
   }
   __syncthreads();
   if (!s_last) return;
+  // the merge: thread f = tid, tid + ATT_THREADS, ... sums quad f (head g, elements d..d+3) over the
+  // chunks in chunk order, weighted exp2(M_s - M) / L. The first B chunks' partials of the thread's
+  // first quad are requested with the (M, L) rows, so that at B >= S the merge is one round trip
   const int S = a.splits;
+  constexpr int B = 16;  // chunks whose partials a thread loads together
   float2* ml = reinterpret_cast<float2*>(kvs);                         // [G][S] (M, L) of each chunk
   float* wt = reinterpret_cast<float*>(kvs) + 2 * ATT_MAXG * M3E_ATTN_MAX_SPLITS;  // [G][S] weight / L
+  const int nq = G * D / 4;
+  auto quad = [&](int f) {
+    return reinterpret_cast<const float4*>(wo + (size_t)(hk * G + ((f * 4) >> ld)) * S * D + ((f * 4) & (D - 1)));
+  };
+  float4 v[B];
+  auto load = [&](const float4* src, int s0) {
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+      v[b] = s0 + b < S ? __ldcg(src + (size_t)(s0 + b) * (D / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+  };
+  if (tid < nq) load(quad(tid), 0);
 #pragma unroll 1
   for (int i = tid; i < G * S; i += ATT_THREADS) ml[i] = __ldcg(reinterpret_cast<const float2*>(wml) + (size_t)hk * G * S + i);
   __syncthreads();
@@ -541,8 +556,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     for (int off = 16; off; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
 #pragma unroll 1
     for (int s = lane; s < S; s += 32) {
-      const float2 v = ml[warp * S + s];
-      L += v.x == -INFINITY ? 0.f : exp2f(v.x - M) * v.y;
+      const float2 e = ml[warp * S + s];
+      L += e.x == -INFINITY ? 0.f : exp2f(e.x - M) * e.y;
     }
     for (int off = 16; off; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
 #pragma unroll 1
@@ -552,17 +567,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     }
   }
   __syncthreads();
-  constexpr int B = 8;  // chunks whose partials a thread loads together
 #pragma unroll 1
-  for (int f = tid; f < G * D / 4; f += ATT_THREADS) {
-    const int g = (f * 4) >> ld, d = (f * 4) & (D - 1);
-    const float4* src = reinterpret_cast<const float4*>(wo + (size_t)(hk * G + g) * S * D + d);
+  for (int f = tid; f < nq; f += ATT_THREADS) {
+    const int g = (f * 4) >> ld;
+    const float4* src = quad(f);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 1
     for (int s0 = 0; s0 < S; s0 += B) {
-      float4 v[B];
-#pragma unroll
-      for (int b = 0; b < B; ++b) v[b] = s0 + b < S ? __ldcg(src + (size_t)(s0 + b) * (D / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (f != tid || s0) load(src, s0);
 #pragma unroll
       for (int b = 0; b < B; ++b) {
         const float w = s0 + b < S ? wt[g * S + s0 + b] : 0.f;
@@ -574,7 +586,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
         }
       }
     }
-    T* out = static_cast<T*>(a.out) + (size_t)(hk * G + g) * D + d;
+    T* out = static_cast<T*>(a.out) + (size_t)(hk * G + g) * D + ((f * 4) & (D - 1));
     out[0] = A::t(acc.x);
     out[1] = A::t(acc.y);
     out[2] = A::t(acc.z);
