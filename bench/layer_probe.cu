@@ -11,9 +11,10 @@
 // rate (the roofline). Other forms of the same layer: no programmatic launch; every launch's first
 // blocks requested before its wait; the launch boundaries as arrival counts (R21's handshake); no
 // dependency at all (the bytes alone); no bytes (the chain alone); only the routed experts' bytes (as
-// if everything else had been prefetched for free); routing's launch dropped; the MoE pair or the
-// attention side alone; each launch alone; and the persistent decode kernel NOTES.md describes, in
-// its ideal form (one launch a step, every co-resident CTA walking all items in one order).
+// if everything else had been prefetched for free); o's and the shared pair's bytes free, or brought
+// into L2 by a prefetch rider on the attention launch (R29's form); routing's launch dropped; the MoE
+// pair or the attention side alone; each launch alone; and the persistent decode kernel NOTES.md
+// describes, in its ideal form (one launch a step, every co-resident CTA walking all items in one order).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -Inative/cuda bench/layer_probe.cu -o /tmp/layer_probe && /tmp/layer_probe
 #include <cstdio>
@@ -139,13 +140,27 @@ __device__ void item(uint8_t* smem, const uint4* w, int blocks, bool pre, bool w
   }
 }
 
-// One launch of a layer: a CTA an item.
+// An L2 prefetch rider (NOTES R29's, in this ideal setting): byte ranges brought into L2 by extra CTAs
+// of a launch, a 128-byte `prefetch.global.L2` a line, while the launch's own CTAs run.
+struct Rider {
+  const char* p[3];
+  size_t n[3];
+};
+
+// One launch of a layer: a CTA an item of the n, then the rider's CTAs, if any.
 __global__ void __launch_bounds__(THREADS, 4)
-    stage(const uint4* w, int blocks, bool pre, bool wait, const uint4* x_in, uint4* x_out, int* counter,
-          const int* need_at, int need, int* arrive_at, unsigned* sink) {
+    stage(const uint4* w, int blocks, bool pre, bool wait, const uint4* x_in, uint4* x_out, int n, int* counter,
+          const int* need_at, int need, int* arrive_at, unsigned* sink, const Rider r) {
   extern __shared__ __align__(16) uint8_t smem[];
   m3e::pdl_launch_dependents();
-  item(smem, w, blocks, pre, wait, x_in, x_out, blockIdx.x, gridDim.x, counter, need_at, need, arrive_at, sink);
+  if ((int)blockIdx.x >= n) {
+    const size_t step = (size_t)(gridDim.x - n) * THREADS * 128;
+    for (int j = 0; j < 3; ++j)
+      for (size_t o = ((blockIdx.x - n) * THREADS + threadIdx.x) * (size_t)128; o < r.n[j]; o += step)
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(r.p[j] + o));
+    return;
+  }
+  item(smem, w, blocks, pre, wait, x_in, x_out, blockIdx.x, n, counter, need_at, need, arrive_at, sink);
 }
 
 // The persistent form (NOTES, "The persistent decode kernel"): one launch for all layers, as many CTAs
@@ -273,11 +288,15 @@ int main() {
     bool bytes = true, dep = true, pre = false, wait = true, handshake = false;
     bool routed_only = false;  // only the routed experts' bytes: 8 of the 9 pairs, none elsewhere (as if
                                // every other byte had been brought in at no cost while DRAM idled)
+    bool free_o_shared = false;  // the same for o's bytes and the shared pair's (the MoE's 1 / 9) only
+    int rider = 0;  // CTAs of an L2 prefetch rider on the attention launch: the layer's o weights and
+                    // the shared pair's (the first 96 gate+up and 64 down CTAs' shares)
   };
   auto nblocks = [&](const Form& f, int i) {
     if (!f.bytes) return 0;
-    if (!f.routed_only) return blocks[i];
-    return i == 3 || i == 4 ? blocks[i] * 8 / 9 : 0;
+    if (f.routed_only) return i == 3 || i == 4 ? blocks[i] * 8 / 9 : 0;
+    if (f.free_o_shared) return i == 1 ? 0 : i == 3 || i == 4 ? blocks[i] * 8 / 9 : blocks[i];
+    return blocks[i];
   };
   auto step = [&](const Form& f) {
     if (f.handshake) CK(cudaMemsetAsync(arrivals, 0, LAYERS * NSTAGE * 4, s));
@@ -289,10 +308,18 @@ int main() {
         const Stage& st = LAYER[i];
         const int prev = (i + NSTAGE - 1) % NSTAGE;
         int* mine = f.handshake ? arrivals + l * NSTAGE + i : nullptr;
-        CK(m3e::launch_kernel(stage, dim3(st.ctas), dim3(THREADS), smem, s, f.dep && pdl,
-                              reinterpret_cast<const uint4*>(w + l * layer_bytes + off[i]), nblocks(f, i),
-                              st.pre || f.pre, f.wait && !f.handshake, xs + (size_t)prev * XV, xs + (size_t)i * XV,
-                              st.merge ? counters + i : nullptr, last, last_n, mine, sink));
+        const char* lw = w + l * layer_bytes;
+        Rider r = {};
+        const int rider = i == 0 ? f.rider : 0;
+        if (rider) {
+          r.p[0] = lw + off[1], r.n[0] = off[2] - off[1];
+          r.p[1] = lw + off[3], r.n[1] = (size_t)96 * WARPS * blocks[3] * 512;
+          r.p[2] = lw + off[4], r.n[2] = (size_t)64 * WARPS * blocks[4] * 512;
+        }
+        CK(m3e::launch_kernel(stage, dim3(st.ctas + rider), dim3(THREADS), smem, s, f.dep && pdl,
+                              reinterpret_cast<const uint4*>(lw + off[i]), nblocks(f, i), st.pre || f.pre,
+                              f.wait && !f.handshake, xs + (size_t)prev * XV, xs + (size_t)i * XV, st.ctas,
+                              st.merge ? counters + i : nullptr, last, last_n, mine, sink, r));
         last = mine;
         last_n = st.merge ? 1 : st.ctas;
       }
@@ -329,6 +356,16 @@ int main() {
   f.routed_only = true;
   f.pre = true;
   row("the same, only the routed experts' bytes, every launch's first blocks before its wait", f);
+  f = Form();
+  f.free_o_shared = true;
+  row("the same, o's and the shared pair's bytes free (as if prefetched at no cost)", f);
+  for (int rc : {16, 64, 132}) {
+    char name[96];
+    snprintf(name, sizeof name, "the same, those bytes by an L2 prefetch rider of %d CTAs on attention", rc);
+    f = Form();
+    f.rider = rc;
+    row(name, f);
+  }
   f = Form();
   f.mask = all & ~4u;
   row("five launches: routing's dropped (as if folded into o)", f);
