@@ -17,20 +17,7 @@
 // describes, in its ideal form (one launch a step, every co-resident CTA walking all items in one order).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -Inative/cuda bench/layer_probe.cu -o /tmp/layer_probe && /tmp/layer_probe
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-
-#include "ptx.cuh"
-
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    const cudaError_t e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                                   \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));       \
-      exit(1);                                                                                 \
-    }                                                                                          \
-  } while (0)
+#include "probe.cuh"
 
 constexpr int WARPS = 8, THREADS = WARPS * 32, DU = 4;  // the decode kernel's CTA and ring (R24)
 constexpr int XV = 512;                                 // a launch's output: 4096 bf16 = 512 uint4
@@ -67,15 +54,8 @@ __device__ void item(uint8_t* smem, const uint4* w, int blocks, bool pre, bool w
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
   const uint4* src = w + ((size_t)(idx * WARPS + warp) * blocks) * 32 + lane;
   const uint32_t ring = m3e::smem_u32(smem) + (warp * DU * 32 + lane) * 16;
-  auto first = [&] {
-#pragma unroll
-    for (int u = 0; u < DU; ++u) {
-      if (u < blocks) m3e::cp_async16(ring + u * 512, src + u * 32);
-      m3e::cp_async_commit();
-    }
-  };
   __syncthreads();  // (persistent: the item before is done with red)
-  if (pre) first();
+  if (pre) ring_first<DU>(ring, src, blocks);
   if (wait) m3e::pdl_wait();
   if (need_at) {  // the handshake form: wait for the launch before by its arrival count
     if (tid == 0)
@@ -87,20 +67,8 @@ __device__ void item(uint8_t* smem, const uint4* w, int blocks, bool pre, bool w
     const uint4 v = __ldcg(x_in + i);
     acc += v.x ^ v.w;
   }
-  if (!pre) first();
-  for (int i0 = 0; i0 < blocks; i0 += DU) {
-#pragma unroll
-    for (int u = 0; u < DU; ++u) {
-      if (i0 + u < blocks) {
-        m3e::cp_async_wait<DU - 1>();
-        const uint4 v = m3e::lds_u4(ring + u * 512);
-        acc ^= v.x + v.y * 3u + v.z * 5u + v.w * 7u;
-        if (i0 + u + DU < blocks) m3e::cp_async16(ring + u * 512, src + (size_t)(i0 + u + DU) * 32);
-      }
-      m3e::cp_async_commit();
-    }
-  }
-  m3e::cp_async_wait<0>();
+  if (!pre) ring_first<DU>(ring, src, blocks);
+  acc = ring_rest<DU>(ring, src, blocks, acc);
   // the piece: the threads' values folded by shuffles, then the warps' through shared memory
   for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) red[warp] = acc;
@@ -189,43 +157,10 @@ __global__ void __launch_bounds__(THREADS, 4) persistent(const Persistent a) {
       const int need = LAYER_D[prev].merge ? 1 : LAYER_D[prev].ctas;
       for (int it = ((int)blockIdx.x - base + G) % G; it < st.ctas; it += G)
         item(smem, reinterpret_cast<const uint4*>(a.w + l * a.layer_bytes + a.off[i]), a.blocks[i], st.pre || a.pre_all,
-             false,
-             a.xs + (size_t)prev * XV, a.xs + (size_t)i * XV, it, st.ctas,
+             false, a.xs + (size_t)prev * XV, a.xs + (size_t)i * XV, it, st.ctas,
              st.merge ? a.counters + l * NSTAGE + i : nullptr, need_at, need, a.arrivals + l * NSTAGE + i, a.sink);
       base = (base + st.ctas) % G;
     }
-}
-
-__global__ void fill(uint32_t* p, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    p[i] = (uint32_t)(i * 2654435761u);
-}
-
-// us a replay of a graph captured from `body` (one warm replay first)
-template <typename Body>
-static float time_graph(Body body, cudaStream_t s, int reps = 10) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  body();
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, s));
-  CK(cudaStreamSynchronize(s));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  CK(cudaEventRecord(a, s));
-  for (int r = 0; r < reps; ++r) CK(cudaGraphLaunch(ge, s));
-  CK(cudaEventRecord(b, s));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return ms * 1e3f / reps;
 }
 
 int main() {
@@ -265,7 +200,7 @@ int main() {
 
   // the copy rate, as bench/kernels.py measures it (device to device, read + write)
   const size_t cbytes = layer_bytes;
-  const float copy_us = time_graph(
+  const float copy_us = graph_us(
       [&] {
         for (int l = 0; l < 8; ++l)
           CK(cudaMemcpyAsync(w + ((l + 1) % 8) * layer_bytes, w + l * layer_bytes, cbytes, cudaMemcpyDeviceToDevice, s));
@@ -325,7 +260,7 @@ int main() {
       }
   };
   auto row = [&](const char* what, const Form& f) {
-    const float us = time_graph([&] { step(f); }, s) / LAYERS;
+    const float us = graph_us([&] { step(f); }, s) / LAYERS;
     double mb = 0;
     for (int i = 0; i < NSTAGE; ++i)
       if (f.mask >> i & 1) mb += (double)LAYER[i].ctas * WARPS * nblocks(f, i) * 512 / 1e6;
@@ -396,7 +331,7 @@ int main() {
   for (int per : {occ, 2})
     for (bool pre : {false, true}) {
       P.pre_all = pre;
-      const float us = time_graph(
+      const float us = graph_us(
           [&] {
             CK(cudaMemsetAsync(P.counters, 0, LAYERS * NSTAGE * 4, s));
             CK(cudaMemsetAsync(P.arrivals, 0, LAYERS * NSTAGE * 4, s));

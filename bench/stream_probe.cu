@@ -10,21 +10,10 @@
 // the same way.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -Inative/cuda bench/stream_probe.cu -o /tmp/stream_probe && /tmp/stream_probe
-#include <cstdio>
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
-#include "ptx.cuh"
-
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    const cudaError_t e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                                   \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));       \
-      exit(1);                                                                                 \
-    }                                                                                          \
-  } while (0)
+#include "probe.cuh"
 
 constexpr int WARPS = 16;
 
@@ -107,55 +96,16 @@ __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
       }
     }
   } else {
-#pragma unroll
-    for (int u = 0; u < DU; ++u) {
-      if (u < blocks) m3e::cp_async16(ring + u * 512, src + u * 32);
-      m3e::cp_async_commit();
-    }
-    for (int i0 = 0; i0 < blocks; i0 += DU) {
-#pragma unroll
-      for (int u = 0; u < DU; ++u) {
-        if (i0 + u < blocks) {
-          m3e::cp_async_wait<DU - 1>();
-          const uint4 v = m3e::lds_u4(ring + u * 512);
-          acc ^= v.x + v.y * 3u + v.z * 5u + v.w * 7u;
-          if (i0 + u + DU < blocks) m3e::cp_async16(ring + u * 512, src + (size_t)(i0 + u + DU) * 32);
-        }
-        m3e::cp_async_commit();
-      }
-    }
-    m3e::cp_async_wait<0>();
+    ring_first<DU>(ring, src, blocks);
+    acc = ring_rest<DU>(ring, src, blocks, acc);
   }
   if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;  // (never, in practice: keeps the loads alive)
-}
-
-__global__ void fill(uint32_t* p, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    p[i] = (uint32_t)(i * 2654435761u);
 }
 
 // us a call: `calls` launches captured in a graph, rotating over `sets` buffers of `bytes`
 template <typename Launch>
 static float time_graph(Launch launch, int sets, int calls, cudaStream_t s) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  for (int c = 0; c < calls; ++c) launch(c % sets);
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, s));  // warm
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  CK(cudaEventRecord(a, s));
-  for (int r = 0; r < 5; ++r) CK(cudaGraphLaunch(ge, s));
-  CK(cudaEventRecord(b, s));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  return ms * 1e3f / (5 * calls);
+  return graph_us([&] { for (int c = 0; c < calls; ++c) launch(c % sets); }, s, 5) / calls;
 }
 
 int main() {
