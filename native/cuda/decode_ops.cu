@@ -569,7 +569,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
   __syncthreads();
 #pragma unroll 1
   for (int f = tid; f < nq; f += ATT_THREADS) {
-    const int g = (f * 4) >> ld;
+    const int g = (f * 4) >> ld, d = (f * 4) & (D - 1);
     const float4* src = quad(f);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 1
@@ -586,7 +586,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
         }
       }
     }
-    T* out = static_cast<T*>(a.out) + (size_t)(hk * G + g) * D + ((f * 4) & (D - 1));
+    T* out = static_cast<T*>(a.out) + (size_t)(hk * G + g) * D + d;
     out[0] = A::t(acc.x);
     out[1] = A::t(acc.y);
     out[2] = A::t(acc.z);
