@@ -1,6 +1,6 @@
-// CTA timelines of the decode kernel's launches (a profiling tool, not a test): the kernels built with
-// -DM3E_TRACE (w4a16_decode.cuh records, per CTA, entry / its wait done / K loop start / K loop end /
-// stores done in globaltimer ns, its SM, epilogue and block index), run as CUDA graphs the way
+// CTA timelines of the decode kernel's and the decode attention's launches (a profiling tool, not a
+// test): the kernels built with -DM3E_TRACE (trace.cuh: per CTA, entry / its wait done / main phase
+// start / its end / exit in globaltimer ns, its SM, kind and block index), run as CUDA graphs the way
 // bench/kernels.py times them (calls over rotating weight sets or routings, so every call reads
 // DRAM), one replay traced. Torch-free: the kernels' C API only, random weights made on the GPU.
 //
@@ -19,6 +19,7 @@
 #include "w4a16.cu"
 #include "w4a16_bf16.cu"
 #include "w4a16_f16.cu"
+#include "decode_ops.cu"
 
 static void fail(const char* file, int line, const char* what, const char* msg) {
   fprintf(stderr, "%s:%d %s: %s\n", file, line, what, msg);
@@ -193,6 +194,41 @@ static void moe_case(const char* name, const char* out_dir, int slots, int ns_gu
   for (void* p : {(void*)w_gu, (void*)s_gu, (void*)w_dn, (void*)s_dn}) CK(cudaFree(p));
 }
 
+// one token's decode attention, M3-Lite heads (32 q / 4 kv, head_dim 128, q/k norm), bf16, `keys`
+// slots (the new token at the last), `layers` caches in turn as a decode step's layers (bench/attn_decode.py)
+static void attn_case(const char* name, const char* out_dir, int keys, int layers, cudaStream_t s) {
+  const int nh = 32, nkv = 4, D = 128;
+  int splits = 0, chunk = 0;
+  OK(m3e_attn_plan(keys, D, &splits, &chunk));
+  uint16_t* qkv = rand_bf16((size_t)(nh + 2 * nkv) * D, -1.f, 1.f, 7);
+  uint16_t* qn = rand_bf16(D, 0.9f, 1.1f, 8);
+  uint16_t* kn = rand_bf16(D, 0.9f, 1.1f, 9);
+  uint16_t* cs = rand_bf16(D, -1.f, 1.f, 10);
+  uint16_t* sn = rand_bf16(D, -1.f, 1.f, 11);
+  uint16_t* out = dalloc<uint16_t>((size_t)nh * D);
+  std::vector<uint16_t*> kc, vc;
+  for (int l = 0; l < layers; ++l) {
+    kc.push_back(rand_bf16((size_t)nkv * keys * D, -1.f, 1.f, 100 + l));
+    vc.push_back(rand_bf16((size_t)nkv * keys * D, -1.f, 1.f, 200 + l));
+  }
+  float* ws = dalloc<float>((size_t)nh * M3E_ATTN_MAX_SPLITS * (D + 2));
+  int* cnt = dalloc<int>(nkv);
+  CK(cudaMemset(cnt, 0, nkv * sizeof(int)));
+  trace_case(name, out_dir, layers, [&](int i) {
+    m3e_attn_args a = {};
+    a.qkv = qkv, a.q_norm = qn, a.k_norm = kn, a.cos = cs, a.sin = sn, a.out = out;
+    a.k_cache = kc[i], a.v_cache = vc[i], a.workspace = ws, a.counters = cnt;
+    a.pos0 = keys - 1, a.keys = keys, a.splits = splits, a.chunk = chunk, a.nh = nh, a.nkv = nkv, a.D = D;
+    a.cap = keys, a.act_bf16 = 1, a.eps = 1e-6f;
+    OK(m3e_attn_decode(&a, s));
+  }, s);
+  printf("  plan: %d chunks of %d slots\n", splits, chunk);
+  for (int l = 0; l < layers; ++l) {
+    CK(cudaFree(kc[l]));
+    CK(cudaFree(vc[l]));
+  }
+}
+
 int main(int argc, char** argv) {
   const char* out_dir = argc > 1 ? argv[1] : ".";
   int dev = 0, sms = 0;
@@ -203,6 +239,8 @@ int main(int argc, char** argv) {
   printf("device: %s, %d SMs\n", prop.name, sms);
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  attn_case("attn_256", out_dir, 256, 16, s);
+  attn_case("attn_64", out_dir, 64, 16, s);
   moe_case("moe9", out_dir, 9, 0, 0, s);
   moe_case("moe9_pre", out_dir, 9, 0, 0, s, true);
   moe_case("moe8", out_dir, 8, 0, 0, s);

@@ -5,10 +5,13 @@
 Per case: the calls of the traced replay (a CTA's call is the k-th time its (launch, block) starts),
 the period from one call's first CTA to the next one's, and per launch (epi 0 GEMM, 1 gate+up, 2 down)
 the median of each CTA phase: waiting (entry to its wait done), prologue (to the K loop), K loop,
-epilogue (stores), and how many CTAs were resident. --timeline CASE prints one middle call in 1-us
-bins: CTAs resident, CTAs in their K loop, and the weight bytes their K loops stream (each CTA's bytes
-spread evenly over its loop), as GB/s. --pairs CASE prints a one-token MoE call per pair: when each
-pair's gate+up CTAs end and its down CTAs wait, stream and end.
+epilogue (stores), and how many CTAs were resident. The decode attention (epi 3; 4 for the kv heads'
+last CTAs, which merge the chunks): prologue = the token's rows, q / k norms and RoPE, "loop" = the
+chunk's attention, epilogue = the partial's store and the arrival count (and the merge, epi 4).
+--timeline CASE prints one middle call in 1-us bins: CTAs resident, CTAs in their K loop, and the
+weight bytes their K loops stream (each CTA's bytes spread evenly over its loop), as GB/s. --pairs CASE
+prints a one-token MoE call per pair: when each pair's gate+up CTAs end and its down CTAs wait, stream
+and end.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def load(path: Path) -> list[dict]:
             r[k] = (r[k] - t0) / 1e3  # us
     seen: dict[tuple, int] = defaultdict(int)
     for r in sorted(rows, key=lambda r: r["t_entry"]):
-        key = (r["epi"], r["bx"], r["by"])
+        key = (min(r["epi"], 3), r["bx"], r["by"])  # (attention's merging CTA, epi 4, is a CTA of epi 3)
         r["call"] = seen[key]
         seen[key] += 1
     return rows

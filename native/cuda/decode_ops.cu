@@ -8,6 +8,7 @@
 
 #include "m3e_api.cuh"
 #include "ptx.cuh"
+#include "trace.cuh"
 
 namespace m3e {
 namespace ops {
@@ -340,6 +341,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
   __shared__ __align__(16) T qs[ATT_MAXG * ATT_MAXD];  // the group's q rows, normed and roped
   __shared__ float rf[ATT_MAXG + 1];                    // rms factors of those q rows and of k
   __shared__ int s_last;
+#ifdef M3E_TRACE
+  __shared__ unsigned long long s_trace[4];
+  M3E_STAMP(0)
+#endif
   const int hk = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int D = a.D, ld = __ffs(D) - 1, half = D >> 1, G = a.nh / a.nkv, vpr = D >> 3, lv = ld - 3;
   const int C = a.chunk, c0 = split * C;
@@ -361,6 +366,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
   }
   cp_async_commit();
   pdl_wait();
+  M3E_STAMP(1)
   // 2. this token's rows: 0..G-1 q, G k, G+1 v, G+2 cos, G+3 sin, G+4 q_norm, G+5 k_norm
   {
     const T* row = static_cast<const T*>(a.qkv);
@@ -426,6 +432,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
       static_cast<T*>(a.v_cache)[((size_t)hk * a.cap + pos) * D + d] = v;
     }
   __syncthreads();
+  M3E_STAMP(2)
 
   // 4. warp w: q head hk G + w over the chunk's n slots. A key's D elements are spread over LK = D / 8
   //    lanes (8 each), KW = 32 / LK keys a step; an online softmax per lane group in fp32 (base 2),
@@ -499,6 +506,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     }
   }
   const int h = hk * G + warp;
+  M3E_STAMP(3)
   if (a.splits == 1) {
     if (warp < G && sub == 0) {
       T* out = static_cast<T*>(a.out) + (size_t)h * D + d0;
@@ -506,6 +514,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
 #pragma unroll
       for (int e = 0; e < 8; ++e) out[e] = A::t(o[e] * r);
     }
+    M3E_TRACE_OUT(3)
     return;
   }
   // 5. this chunk's partial (O [D], then M, L) per head into the workspace (wo [nh][splits][D], wml
@@ -527,7 +536,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     __threadfence();
   }
   __syncthreads();
-  if (!s_last) return;
+  if (!s_last) {
+    M3E_TRACE_OUT(3)
+    return;
+  }
   // the merge: thread f = tid, tid + ATT_THREADS, ... sums quad f (head g, elements d..d+3) over the
   // chunks in chunk order, weighted exp2(M_s - M) / L. The first B chunks' partials of the thread's
   // first quad are requested with the (M, L) rows, so that at B >= S the merge is one round trip
@@ -592,6 +604,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
     out[2] = A::t(acc.z);
     out[3] = A::t(acc.w);
   }
+  M3E_TRACE_OUT(4)
 }
 
 }  // namespace ops

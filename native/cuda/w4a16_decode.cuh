@@ -29,6 +29,7 @@
 // of a token's slots to arrive sums them in slot order.
 #pragma once
 
+#include "trace.cuh"
 #include "w4a16.cuh"
 
 namespace m3e {
@@ -50,41 +51,6 @@ constexpr int DECODE_SMEM_MAX = 96 << 10;  // fits the 99 KB a block may have on
 // past this the slice no longer fits one CTA and the split-K fixup made the decode kernel slower
 // than the tile kernel (NOTES.md v10: M = 4 at 14336 x 4096, M = 8 at 4096 x 4096).
 constexpr int DECODE_X_MAX = 32 << 10;
-
-#ifdef M3E_TRACE
-// A CTA timeline (bench/cta_trace.cu, which builds the kernels with -DM3E_TRACE in one translation
-// unit): per CTA of a decode-kernel launch {entry, its wait done, the K loop's start, its end, the
-// stores done} in globaltimer ns, then {SM, EPI, blockIdx.x, blockIdx.y}. Thread 0 stamps shared
-// memory (no registers held across the kernel) and writes the record at the end.
-constexpr unsigned TRACE_CAP = 1u << 15;  // records of 8 words
-__device__ unsigned long long m3e_trace_buf[TRACE_CAP * 8];
-__device__ unsigned int m3e_trace_n;
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-#define M3E_STAMP(i) \
-  if (threadIdx.x == 0) s_trace[i] = globaltimer();
-// the record, by thread 0 (not inlined: its registers stay out of the kernel's count)
-__device__ __noinline__ void trace_out(const unsigned long long* st, int epi) {
-  const unsigned long long t_exit = globaltimer();  // before the counter's round trip
-  unsigned sm;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-  const unsigned i = atomicAdd(&m3e_trace_n, 1u);
-  if (i >= TRACE_CAP) return;
-  for (int j = 0; j < 4; ++j) m3e_trace_buf[i * 8 + j] = st[j];
-  m3e_trace_buf[i * 8 + 4] = t_exit;
-  m3e_trace_buf[i * 8 + 5] = sm;
-  m3e_trace_buf[i * 8 + 6] = epi;
-  m3e_trace_buf[i * 8 + 7] = ((unsigned long long)blockIdx.y << 32) | blockIdx.x;
-}
-#define M3E_TRACE_OUT(epi) \
-  if (threadIdx.x == 0) trace_out(s_trace, epi);
-#else
-#define M3E_STAMP(i)
-#define M3E_TRACE_OUT(epi)
-#endif
 
 static inline int align16(int b) { return (b + 15) & ~15; }
 
