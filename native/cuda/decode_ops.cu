@@ -468,8 +468,18 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_decode_kernel(const m3e_attn
           v = fmaf(q[2 * e], k0, v);
           v = fmaf(q[2 * e + 1], k1, v);
         }
-        for (int off = LK >> 1; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        s[u] = j < n ? v : -INFINITY;
+        s[u] = v;
+      }
+      // each key's sum over its LK lanes, the ATT_KPT keys' shuffles side by side (with LK a runtime
+      // value the levels were a loop per key, run one key after another: A6)
+#pragma unroll
+      for (int off = 16; off; off >>= 1)
+        if (off < LK)
+#pragma unroll
+          for (int u = 0; u < ATT_KPT; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
+#pragma unroll
+      for (int u = 0; u < ATT_KPT; ++u) {
+        s[u] = j0 + u * KW + sub < n ? s[u] : -INFINITY;
         mx = fmaxf(mx, s[u]);
       }
       if (mx == -INFINITY) continue;  // none of this group's slots yet
